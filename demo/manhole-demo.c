@@ -1,0 +1,292 @@
+/*
+ * manhole-demo: a small host with its own select() loop and a manhole in
+ * it; with no arguments it behaves like aiomanhole's quick example.
+ *
+ *   ./demo/manhole-demo &
+ *   nc -U /var/tmp/testing.manhole
+ *
+ * Its loop increments `ticks` about ten times a second; the REPL reads it
+ * live. The loop sleeps in select() on its own descriptors and the
+ * manhole's (manhole_fdset/manhole_timeout/manhole_process): no polling.
+ */
+#define _POSIX_C_SOURCE 200809L
+#include "../manhole.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <getopt.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/select.h>
+#include <time.h>
+#include <unistd.h>
+
+static long ticks;               /* bound into the REPL as `ticks` */
+static int sig_pipe[2] = {-1, -1};
+static volatile sig_atomic_t got_signal;
+static int quiet;
+
+static void on_signal(int sig)
+{
+    int e = errno;
+    got_signal = sig;
+    ssize_t r = write(sig_pipe[1], "!", 1);
+    (void)r;
+    errno = e;
+}
+
+static void log_line(void *ud, int level, const char *msg)
+{
+    static const char *names[] = {"error", "warning", "info", "audit", "debug"};
+    (void)ud;
+    if (quiet && level > MANHOLE_LOG_WARNING)
+        return;
+    fprintf(stderr, "manhole-demo: %s: %s\n",
+            level >= 0 && level <= 4 ? names[level] : "?", msg);
+}
+
+static double now_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec * 1000.0 + (double)ts.tv_nsec / 1e6;
+}
+
+/* A C function for the REPL: demo_add(a, b) -> a + b, on the host thread. */
+static int demo_add(void *ud, int argc, const manhole_value *argv,
+                    manhole_value *ret, char *err, size_t errlen)
+{
+    (void)ud;
+    if (argc != 2 || argv[0].type != MANHOLE_LLONG || argv[1].type != MANHOLE_LLONG) {
+        snprintf(err, errlen, "demo_add(a, b) takes two ints");
+        return MANHOLE_RAISE_TYPE;
+    }
+    ret->type = MANHOLE_LLONG;
+    ret->i = argv[0].i + argv[1].i;
+    return 0;
+}
+
+static void usage(FILE *f, const char *argv0)
+{
+    fprintf(f,
+            "usage: %s [options]\n"
+            "A C host with a Python manhole; nc -U PATH to get a prompt.\n"
+            "\n"
+            "  --path PATH        UNIX socket (default /var/tmp/testing.manhole;\n"
+            "                     '' for none)\n"
+            "  --port N           also listen on TCP port N (0: any free port)\n"
+            "  --host ADDR        TCP address (default 127.0.0.1)\n"
+            "  --allow-nonlocal   allow a non-loopback --host\n"
+            "  --mode OCTAL       socket file permissions (default 600)\n"
+            "  --banner TEXT      banner (default 'Well this is neat')\n"
+            "  --no-banner        no banner\n"
+            "  --threaded         run statements on worker threads (default)\n"
+            "  --no-threaded      run statements in the host loop\n"
+            "  --timeout SECONDS  statement time limit (default 5; 0: none)\n"
+            "  --shared           one namespace for every client (default)\n"
+            "  --no-shared        each client gets its own copy\n"
+            "  --max-clients N    refuse clients past N (default 64)\n"
+            "  --max-line BYTES   longest input line (default 1048576)\n"
+            "  --max-output BYTES pending output per client (default 1048576)\n"
+            "  --idle-timeout S   close clients silent for S seconds\n"
+            "  --audit            log every input line\n"
+            "  --quiet            log only warnings and errors\n"
+            "  --help             this text\n",
+            argv0);
+}
+
+static int parse_number(const char *s, double *out)
+{
+    char *end;
+    errno = 0;
+    double d = strtod(s, &end);
+    if (errno || end == s || *end || d < 0)
+        return -1;
+    *out = d;
+    return 0;
+}
+
+int main(int argc, char **argv)
+{
+    manhole_config cfg;
+    manhole_config_init(&cfg);
+    cfg.unix_path = "/var/tmp/testing.manhole";
+    cfg.banner = "Well this is neat";
+    cfg.threaded = 1;
+    cfg.shared_namespace = 1;
+    cfg.timeout = 5;
+    cfg.log = log_line;
+
+    enum {
+        OPT_PATH = 1, OPT_PORT, OPT_HOST, OPT_BANNER, OPT_NOBANNER, OPT_THREADED,
+        OPT_NOTHREADED, OPT_TIMEOUT, OPT_SHARED, OPT_NOSHARED, OPT_HELP, OPT_MODE,
+        OPT_NONLOCAL, OPT_MAXCLIENTS, OPT_MAXLINE, OPT_MAXOUTPUT, OPT_IDLE, OPT_AUDIT,
+        OPT_QUIET
+    };
+    static const struct option opts[] = {
+        {"path", required_argument, NULL, OPT_PATH},
+        {"port", required_argument, NULL, OPT_PORT},
+        {"host", required_argument, NULL, OPT_HOST},
+        {"banner", required_argument, NULL, OPT_BANNER},
+        {"no-banner", no_argument, NULL, OPT_NOBANNER},
+        {"threaded", no_argument, NULL, OPT_THREADED},
+        {"no-threaded", no_argument, NULL, OPT_NOTHREADED},
+        {"timeout", required_argument, NULL, OPT_TIMEOUT},
+        {"shared", no_argument, NULL, OPT_SHARED},
+        {"no-shared", no_argument, NULL, OPT_NOSHARED},
+        {"mode", required_argument, NULL, OPT_MODE},
+        {"allow-nonlocal", no_argument, NULL, OPT_NONLOCAL},
+        {"max-clients", required_argument, NULL, OPT_MAXCLIENTS},
+        {"max-line", required_argument, NULL, OPT_MAXLINE},
+        {"max-output", required_argument, NULL, OPT_MAXOUTPUT},
+        {"idle-timeout", required_argument, NULL, OPT_IDLE},
+        {"audit", no_argument, NULL, OPT_AUDIT},
+        {"quiet", no_argument, NULL, OPT_QUIET},
+        {"help", no_argument, NULL, OPT_HELP},
+        {NULL, 0, NULL, 0}};
+    int o;
+    double d;
+    char *end;
+    opterr = 0;
+    while ((o = getopt_long(argc, argv, "", opts, NULL)) != -1) {
+        switch (o) {
+        case OPT_PATH: cfg.unix_path = optarg[0] ? optarg : NULL; break;
+        case OPT_PORT:
+            if (parse_number(optarg, &d) < 0 || d > 65535 || d != (int)d)
+                goto bad;
+            cfg.tcp_port = (int)d;
+            break;
+        case OPT_HOST: cfg.tcp_host = optarg; break;
+        case OPT_BANNER: cfg.banner = optarg; break;
+        case OPT_NOBANNER: cfg.banner = NULL; break;
+        case OPT_THREADED: cfg.threaded = 1; break;
+        case OPT_NOTHREADED: cfg.threaded = 0; break;
+        case OPT_TIMEOUT:
+            if (parse_number(optarg, &cfg.timeout) < 0)
+                goto bad;
+            break;
+        case OPT_SHARED: cfg.shared_namespace = 1; break;
+        case OPT_NOSHARED: cfg.shared_namespace = 0; break;
+        case OPT_MODE:
+            cfg.unix_mode = (unsigned)strtoul(optarg, &end, 8);
+            if (*end || !optarg[0] || cfg.unix_mode > 0777)
+                goto bad;
+            break;
+        case OPT_NONLOCAL: cfg.tcp_allow_nonlocal = 1; break;
+        case OPT_MAXCLIENTS:
+            if (parse_number(optarg, &d) < 0 || d < 1)
+                goto bad;
+            cfg.max_clients = (int)d;
+            break;
+        case OPT_MAXLINE:
+            if (parse_number(optarg, &d) < 0 || d < 1)
+                goto bad;
+            cfg.max_line = (size_t)d;
+            break;
+        case OPT_MAXOUTPUT:
+            if (parse_number(optarg, &d) < 0 || d < 1)
+                goto bad;
+            cfg.max_output = (size_t)d;
+            break;
+        case OPT_IDLE:
+            if (parse_number(optarg, &cfg.idle_timeout) < 0)
+                goto bad;
+            break;
+        case OPT_AUDIT: cfg.audit = 1; cfg.log_level = MANHOLE_LOG_AUDIT; break;
+        case OPT_QUIET: quiet = 1; break;
+        case OPT_HELP: usage(stdout, argv[0]); return 0;
+        default: goto bad;
+        }
+    }
+    if (optind < argc)
+        goto bad;
+    if (!cfg.unix_path && cfg.tcp_port < 0) {
+        fprintf(stderr, "%s: nothing to listen on (give --path or --port)\n", argv[0]);
+        return 2;
+    }
+
+    if (pipe(sig_pipe) < 0) {
+        perror("manhole-demo: pipe");
+        return 1;
+    }
+    for (int i = 0; i < 2; i++) {
+        fcntl(sig_pipe[i], F_SETFL, fcntl(sig_pipe[i], F_GETFL) | O_NONBLOCK);
+        fcntl(sig_pipe[i], F_SETFD, FD_CLOEXEC);
+    }
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = on_signal;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGINT, &sa, NULL);
+    sigaction(SIGTERM, &sa, NULL);
+
+    manhole *mh;
+    char err[512];
+    int rc = manhole_open(&mh, &cfg, err, sizeof err);
+    if (rc != MANHOLE_OK) {
+        fprintf(stderr, "manhole-demo: %s\n", err);
+        return 1;
+    }
+    manhole_bind(mh, "ticks", MANHOLE_LONG, &ticks, 0);
+    manhole_def(mh, "demo_add", demo_add, NULL,
+                "demo_add(a, b) -> a + b, computed by the C host", 0);
+    if (cfg.unix_path)
+        printf("listening on unix:%s\n", cfg.unix_path);
+    if (cfg.tcp_port >= 0)
+        printf("listening on tcp:%s:%d\n", cfg.tcp_host ? cfg.tcp_host : "127.0.0.1",
+               manhole_tcp_port(mh));
+    fflush(stdout);
+
+    int status = 0;
+    double next_tick = now_ms() + 100;
+    for (;;) {
+        fd_set rd, wr;
+        FD_ZERO(&rd);
+        FD_ZERO(&wr);
+        int maxfd = sig_pipe[0];
+        FD_SET(sig_pipe[0], &rd);
+        int frc = manhole_fdset(mh, &rd, &wr, &maxfd);
+        if (frc < 0 && frc != MANHOLE_EFDSETSIZE) {
+            fprintf(stderr, "manhole-demo: %s\n", manhole_errmsg(mh));
+            status = 1;
+            break;
+        }
+        double wait = next_tick - now_ms();
+        int t = manhole_timeout(mh);
+        if (frc == MANHOLE_EFDSETSIZE && (t < 0 || t > 10))
+            t = 10; /* cannot watch everything: look again soon */
+        if (t >= 0 && t < wait)
+            wait = t;
+        if (wait < 0)
+            wait = 0;
+        struct timeval tv = {(time_t)(wait / 1000), (suseconds_t)((long)wait % 1000 * 1000)};
+        int n = select(maxfd + 1, &rd, &wr, NULL, &tv);
+        if (n < 0 && errno != EINTR) {
+            perror("manhole-demo: select");
+            status = 1;
+            break;
+        }
+        if (got_signal)
+            break; /* SIGINT/SIGTERM: exit 0 */
+        double now = now_ms();
+        while (now >= next_tick) {
+            __atomic_store_n(&ticks, ticks + 1, __ATOMIC_RELAXED);
+            next_tick += 100;
+        }
+        rc = n > 0 ? manhole_process(mh, &rd, &wr) : manhole_process(mh, NULL, NULL);
+        if (rc == MANHOLE_EXIT) {
+            status = manhole_exit_status(mh);
+            break;
+        }
+        if (rc < 0)
+            fprintf(stderr, "manhole-demo: %s\n", manhole_errmsg(mh));
+    }
+    manhole_close(mh);
+    return status;
+
+bad:
+    usage(stderr, argv[0]);
+    return 2;
+}

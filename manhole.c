@@ -1,0 +1,4408 @@
+/*
+ * manhole.c - a Python REPL inside a running C program.
+ *
+ * What it is
+ * ----------
+ * The host opens a manhole and keeps calling it from its own event loop.
+ * Clients connect to a UNIX socket (or loopback TCP) with nc or socat and get
+ * the prompt of an embedded CPython, with the same prompts, reprs,
+ * tracebacks and syntax errors as `python3 -i`.
+ *
+ * Threads
+ * -------
+ * Three kinds of thread touch a manhole:
+ *
+ *  - The host thread: whoever calls manhole_poll()/manhole_process(). It
+ *    does all socket I/O (accept, recv, send), frames input into lines and
+ *    hands them over. In threaded mode it never takes the GIL, so a client
+ *    burning CPU in Python cannot slow the host's loop down; it only takes
+ *    mh->lock for short, bounded critical sections.
+ *  - Worker threads (threaded mode): a small pool, grown on demand up to
+ *    max_workers, shrunk when idle. There is no thread per client: a
+ *    client's lines are a job in a FIFO; a worker takes the GIL, runs the
+ *    client's next statement and appends the output to the client's output
+ *    buffer. A statement that outruns its timeout is abandoned: the worker
+ *    stays stuck with it (and leaves the pool), the client moves on with
+ *    another worker. In non-threaded mode the host thread itself plays the
+ *    worker, inside manhole_poll().
+ *  - The watchdog (created with the first worker, or when a timeout is
+ *    set): sleeps until the earliest statement deadline, writes the
+ *    TimeoutError report for an expired statement, and interrupts it with
+ *    PyThreadState_SetAsyncExc(KeyboardInterrupt). It is also how a client
+ *    that hung up gets its statement interrupted. It takes the GIL only to
+ *    deliver the interrupt, never while holding mh->lock.
+ *
+ * Lock order: the GIL may be held when taking mh->lock, never the other
+ * way round; nobody waits on a condition variable while holding the GIL.
+ * Workers wake the host through one descriptor (an eventfd, or a pipe),
+ * written only when the host is not already due to look, so output
+ * streaming costs one write per burst, not per print().
+ *
+ * Output
+ * ------
+ * sys.stdout, sys.stderr, sys.stdin and sys.displayhook are replaced once
+ * per process by small C proxies that look at a thread-local pointer: on a
+ * thread that runs a manhole statement, output goes to that client's
+ * buffer; on any other thread (the host's own Python, threads started from
+ * the REPL) it goes to the original stream. So many clients run at once and
+ * each sees exactly its own output, while the host's output is never
+ * captured. A client that stops reading makes its own statement wait once
+ * max_output bytes are pending; nobody else notices.
+ *
+ * Namespaces
+ * ----------
+ * A namespace is a dict subclass whose lookups first consult the table of
+ * live bindings, so a name bound to a C variable reads its current value
+ * everywhere: at top level, in functions, in comprehensions.
+ *
+ * Wire protocol
+ * -------------
+ * Plain UTF-8 text, no negotiation. The server sends the banner (if any)
+ * and the prompt (sys.ps1, default ">>> "; sys.ps2, default "... " while a
+ * block is open), then output and a new prompt per input line. Lines end in
+ * LF, CRLF, or a lone CR; telnet IAC sequences are dropped. A line that is
+ * too long, holds a NUL byte or is not UTF-8 is discarded with a one-line
+ * "manhole: ..." message. When the client shuts down its sending side,
+ * every line already sent is run, a block still open is closed as by an
+ * empty line, the output is delivered and the server closes. A TCP client
+ * whose first line looks like HTTP is dropped before anything runs.
+ *
+ * Sections: platform, utilities, data, sockets, poller, framing, output,
+ * Python glue, workers and watchdog, the host side, public API.
+ */
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h> /* first: it sets the feature-test macros */
+
+#include "manhole.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <arpa/inet.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/types.h>
+#include <sys/un.h>
+#include <time.h>
+#include <unistd.h>
+
+/* ==================================================================== */
+/* Platform                                                             */
+/* ==================================================================== */
+
+/* Linux fast paths. -DMANHOLE_PORTABLE turns all of them off so the
+ * portable fallbacks are built and tested on Linux too. */
+#if defined(__linux__) && !defined(MANHOLE_PORTABLE)
+#define MH_HAVE_EPOLL 1
+#define MH_HAVE_EVENTFD 1
+#define MH_HAVE_ACCEPT4 1
+#define MH_HAVE_SO_PEERCRED 1
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
+#endif
+
+#if defined(MSG_NOSIGNAL) && !defined(MANHOLE_PORTABLE)
+#define MH_SEND_FLAGS MSG_NOSIGNAL
+#else
+#define MH_SEND_FLAGS 0
+#endif
+
+#if PY_VERSION_HEX < 0x03080000
+#error "manhole needs Python 3.8 or newer"
+#endif
+
+/* ==================================================================== */
+/* Utilities                                                            */
+/* ==================================================================== */
+
+#define MH_UNUSED(x) ((void)(x))
+#define MH_MAYBE_UNUSED __attribute__((unused))
+/* PyType_Slot wants a void *; ISO C only converts a function pointer
+ * through an integer. */
+#define MH_FN(f) ((void *)(uintptr_t)(f))
+#define MH_MIN(a, b) ((a) < (b) ? (a) : (b))
+
+static double now_mono(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+static struct timespec abs_realtime(double from_now)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    if (from_now > 1e6)
+        from_now = 1e6;
+    double s = (double)ts.tv_sec + (double)ts.tv_nsec / 1e9 + from_now;
+    ts.tv_sec = (time_t)s;
+    ts.tv_nsec = (long)((s - (double)ts.tv_sec) * 1e9);
+    if (ts.tv_nsec >= 1000000000L) {
+        ts.tv_sec++;
+        ts.tv_nsec -= 1000000000L;
+    }
+    return ts;
+}
+
+/* A growable byte buffer. `head` lets it double as a FIFO. */
+typedef struct buf {
+    char *p;
+    size_t len, head, cap;
+} buf;
+
+static int buf_reserve(buf *b, size_t extra)
+{
+    if (b->head > 0 && b->head == b->len)
+        b->head = b->len = 0;
+    if (b->len + extra <= b->cap)
+        return 0;
+    if (b->head > 0) { /* compact before growing */
+        memmove(b->p, b->p + b->head, b->len - b->head);
+        b->len -= b->head;
+        b->head = 0;
+        if (b->len + extra <= b->cap)
+            return 0;
+    }
+    size_t ncap = b->cap ? b->cap : 256;
+    while (ncap < b->len + extra) {
+        if (ncap > SIZE_MAX / 2)
+            return -1;
+        ncap *= 2;
+    }
+    char *np = realloc(b->p, ncap);
+    if (!np)
+        return -1;
+    b->p = np;
+    b->cap = ncap;
+    return 0;
+}
+
+static int buf_add(buf *b, const void *data, size_t n)
+{
+    if (n == 0)
+        return 0;
+    if (buf_reserve(b, n) < 0)
+        return -1;
+    memcpy(b->p + b->len, data, n);
+    b->len += n;
+    return 0;
+}
+
+static size_t buf_used(const buf *b) { return b->len - b->head; }
+
+static void buf_clear(buf *b) { b->len = b->head = 0; }
+
+static void buf_free(buf *b)
+{
+    free(b->p);
+    memset(b, 0, sizeof *b);
+}
+
+/* Drop a big allocation once a buffer is empty again, so idle clients
+ * hold no memory worth speaking of. */
+static void buf_shrink_if_empty(buf *b)
+{
+    if (buf_used(b) == 0 && b->cap > 16384)
+        buf_free(b);
+    else if (buf_used(b) == 0)
+        b->len = b->head = 0;
+}
+
+static char *mh_strdup(const char *s)
+{
+    if (!s)
+        return NULL;
+    size_t n = strlen(s) + 1;
+    char *d = malloc(n);
+    if (d)
+        memcpy(d, s, n);
+    return d;
+}
+
+/* Is p[0..n) valid UTF-8 as Python's strict decoder sees it (no
+ * surrogates, no overlong forms, nothing above U+10FFFF)? On failure *bad
+ * is the offset of the first bad byte. */
+static int utf8_valid(const unsigned char *p, size_t n, size_t *bad)
+{
+    size_t i = 0;
+    while (i < n) {
+        unsigned char c = p[i];
+        if (c < 0x80) {
+            i++;
+            continue;
+        }
+        size_t need;
+        unsigned lo = 0x80, hi = 0xBF;
+        if (c >= 0xC2 && c <= 0xDF)
+            need = 1;
+        else if (c >= 0xE0 && c <= 0xEF) {
+            need = 2;
+            if (c == 0xE0)
+                lo = 0xA0;
+            if (c == 0xED)
+                hi = 0x9F;
+        } else if (c >= 0xF0 && c <= 0xF4) {
+            need = 3;
+            if (c == 0xF0)
+                lo = 0x90;
+            if (c == 0xF4)
+                hi = 0x8F;
+        } else {
+            *bad = i;
+            return 0;
+        }
+        if (i + need >= n) { /* truncated sequence */
+            *bad = i;
+            return 0;
+        }
+        if (p[i + 1] < lo || p[i + 1] > hi) {
+            *bad = i;
+            return 0;
+        }
+        for (size_t k = 2; k <= need; k++) {
+            if (p[i + k] < 0x80 || p[i + k] > 0xBF) {
+                *bad = i;
+                return 0;
+            }
+        }
+        i += need + 1;
+    }
+    return 1;
+}
+
+/* ==================================================================== */
+/* Data                                                                 */
+/* ==================================================================== */
+
+typedef struct client client;
+typedef struct worker worker;
+typedef struct hostcall hostcall;
+
+enum { T_UNIX = 1, T_TCP = 2 };
+
+/* Records in a client's input queue: [kind][u32 length][bytes]. */
+enum { REC_LINE = 1, REC_ERROR = 2, REC_EOF = 3 };
+
+/* Tags for poller registrations that are not clients. */
+#define TAG_LISTEN_UNIX ((void *)1)
+#define TAG_LISTEN_TCP ((void *)2)
+#define TAG_WAKE ((void *)3)
+
+/* Poller event bits (our own, mapped to epoll/poll bits). */
+enum { EV_IN = 1, EV_OUT = 2, EV_HUP = 4, EV_ERR = 8 };
+
+struct client {
+    manhole *mh;
+    unsigned id;
+    int fd;                 /* -1 once closed */
+    int transport;
+    char peer[80];          /* for log lines */
+    client *next, *prev;    /* host's list of connected clients */
+
+    /* Host thread only. */
+    buf line;               /* the line being assembled */
+    buf tx;                 /* output being sent (swapped with out) */
+    unsigned ev;            /* interest registered with the poller */
+    unsigned char discard;  /* dropping the rest of an over-long line */
+    unsigned char after_cr; /* swallow an LF/NUL right after a CR */
+    unsigned char iac;      /* telnet command parser state */
+    unsigned char got_line; /* first line seen (HTTP check) */
+    unsigned char rd_eof;   /* the client shut down its sending side */
+    unsigned char rd_paused;/* input queue full: not reading */
+    double last_active;
+
+    /* Under mh->lock. */
+    buf inq;                /* framed input records */
+    buf out;                /* output produced, not yet taken by host */
+    int refs;
+    client *jnext;          /* job queue */
+    client *dnext;          /* dirty list (host has something to do) */
+    unsigned char queued, dirty, busy, dead, eof_done, exiting;
+    unsigned char has_session;
+    unsigned char in_paused;/* input queue over max_input */
+    int out_waiters, in_waiters;
+    size_t tx_backlog;      /* size of tx when the host last took output */
+    int exit_status;        /* sys.exit() status */
+    pthread_cond_t cv;      /* output space */
+    worker *runner;         /* worker running this client's statement */
+
+    /* Python session: touched only with the GIL, by the one worker that
+     * has the client busy (or by teardown). */
+    PyObject *ns;
+    PyObject *compiler;
+    buf src;                /* lines of the block being entered */
+};
+
+struct worker {
+    manhole *mh;
+    worker *next;
+    pthread_t thread;
+    unsigned long py_tid;   /* Python's id for the thread */
+    int index;
+    int is_host;            /* the host thread, in non-threaded mode */
+    /* Under mh->lock. */
+    client *c;              /* client whose statement is running */
+    double deadline;        /* 0: none */
+    unsigned char running;  /* inside PyEval_EvalCode */
+    unsigned char timed_out;/* abandoned at the deadline */
+    unsigned char want_int; /* interrupt requested (client gone, close) */
+    unsigned char int_sent; /* KeyboardInterrupt was injected */
+    unsigned char exited;
+    buf rec;                /* the record being processed */
+};
+
+/* A C function call or binding write that must run on the host thread. */
+struct hostcall {
+    hostcall *next;
+    int kind;               /* HC_CALL or HC_STORE */
+    manhole_fn *fn;
+    void *ud;
+    int argc;
+    const manhole_value *argv;
+    manhole_value ret;
+    char *ret_copy;         /* STRING/BYTES result, copied by the host */
+    int rc;
+    char err[256];
+    int type;               /* HC_STORE: binding type */
+    void *addr;             /* HC_STORE: variable */
+    union {
+        long long i;
+        unsigned long long u;
+        double d;
+    } val;
+    int started, done;
+};
+enum { HC_CALL = 1, HC_STORE = 2 };
+
+#define LOGQ_MAX 256
+
+struct manhole {
+    manhole_config cfg;     /* strings below are our own copies */
+    char *unix_path;
+    char *tcp_host;
+    char *banner;
+    size_t banner_len;
+    int lfd_unix, lfd_tcp;
+    int tcp_port;
+    int wake_r, wake_w;     /* the same descriptor with eventfd */
+    pid_t pid;
+    unsigned fork_gen;
+    pthread_t host;         /* last thread seen driving the manhole */
+
+    /* Poller. */
+#ifdef MH_HAVE_EPOLL
+    int epfd;
+#endif
+    struct pollfd *pfds;    /* poll() fallback, and manhole_pollfds() */
+    void **ptags;
+    int npfds, cappfds, pfds_dirty;
+
+    /* Clients, host side. */
+    client *clients;
+    int nclients;
+    unsigned next_id;
+    int fdset_mode;         /* the host uses manhole_fdset() */
+    int in_callback;
+    int close_deferred;
+    int exits_ready;        /* MANHOLE_EXIT still to be returned */
+    int exit_status;
+
+    /* Shared, under lock. */
+    pthread_mutex_t lock;
+    pthread_cond_t work_cv; /* workers: a job is queued */
+    pthread_cond_t wd_cv;   /* watchdog: deadlines changed */
+    pthread_cond_t gone_cv; /* close: a worker exited */
+    pthread_cond_t hc_cv;   /* hostcall done */
+    client *jq_head, *jq_tail;
+    client *dirty;
+    hostcall *hc_head, *hc_tail;
+    int wake_pending;
+    int stopping;
+    worker *workers;
+    int nworkers;           /* not abandoned, not exited */
+    int nidle;
+    int nthreads;           /* all worker threads alive */
+    int worker_seq;
+    int wd_started, wd_exited, wd_stop;
+    int nreap;              /* exited workers to join */
+    pthread_t wd_thread;
+    worker hostw;           /* non-threaded mode */
+    char ps1[64], ps2[64];  /* prompts as last computed, for the watchdog */
+    char *logq[LOGQ_MAX];
+    int logq_head, logq_len, logq_dropped;
+    int exits_pending;      /* clients that called sys.exit, not closed */
+
+    /* Python. */
+    int owns_python;
+    PyThreadState *main_ts;
+    PyObject *core;         /* Core object: bindings table, back pointer */
+    PyObject *ns;           /* the manhole's namespace */
+    PyObject *ns_type;
+    PyObject *compiler_cls; /* codeop.CommandCompiler */
+
+    char errmsg[512];
+};
+
+static _Thread_local worker *tl_worker;
+
+/* Fork detection: a generation counter bumped in the child. */
+static unsigned fork_generation;
+static pthread_once_t fork_once = PTHREAD_ONCE_INIT;
+static void on_fork_child(void) { fork_generation++; }
+static void fork_init(void) { pthread_atfork(NULL, NULL, on_fork_child); }
+
+static int mh_forked(const manhole *mh)
+{
+    return mh->fork_gen != fork_generation;
+}
+
+/* ---- Error messages and the log ------------------------------------- */
+
+static int set_err(manhole *mh, int code, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+static int set_err(manhole *mh, int code, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(mh->errmsg, sizeof mh->errmsg, fmt, ap);
+    va_end(ap);
+    return code;
+}
+
+/* Queue a log line; it is delivered on the host thread by log_flush().
+ * Callable from any thread, with or without mh->lock (locked says
+ * which). */
+static void logq_push(manhole *mh, int locked, int level, const char *fmt,
+                      ...) __attribute__((format(printf, 4, 5)));
+static void logq_push(manhole *mh, int locked, int level, const char *fmt, ...)
+{
+    if (!mh->cfg.log || level > mh->cfg.log_level)
+        return;
+    char tmp[1024];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(tmp, sizeof tmp, fmt, ap);
+    va_end(ap);
+    char *s = malloc(strlen(tmp) + 2);
+    if (s) {
+        s[0] = (char)('0' + level);
+        strcpy(s + 1, tmp);
+    }
+    if (!locked)
+        pthread_mutex_lock(&mh->lock);
+    if (!s || mh->logq_len == LOGQ_MAX) {
+        mh->logq_dropped++;
+        free(s);
+    } else {
+        mh->logq[(mh->logq_head + mh->logq_len) % LOGQ_MAX] = s;
+        mh->logq_len++;
+    }
+    if (!locked)
+        pthread_mutex_unlock(&mh->lock);
+}
+
+#define LOG(mh, level, ...) logq_push((mh), 0, (level), __VA_ARGS__)
+#define LOG_LOCKED(mh, level, ...) logq_push((mh), 1, (level), __VA_ARGS__)
+
+/* Deliver queued log lines. Host thread, lock not held. */
+static void log_flush(manhole *mh)
+{
+    if (!mh->cfg.log)
+        return;
+    for (;;) {
+        char *s = NULL;
+        int dropped = 0;
+        pthread_mutex_lock(&mh->lock);
+        if (mh->logq_len) {
+            s = mh->logq[mh->logq_head];
+            mh->logq_head = (mh->logq_head + 1) % LOGQ_MAX;
+            mh->logq_len--;
+        } else if (mh->logq_dropped) {
+            dropped = mh->logq_dropped;
+            mh->logq_dropped = 0;
+        }
+        pthread_mutex_unlock(&mh->lock);
+        if (!s && !dropped)
+            return;
+        mh->in_callback++;
+        if (s) {
+            mh->cfg.log(mh->cfg.log_ud, s[0] - '0', s + 1);
+            free(s);
+        } else {
+            char tmp[64];
+            snprintf(tmp, sizeof tmp, "%d log messages dropped", dropped);
+            mh->cfg.log(mh->cfg.log_ud, MANHOLE_LOG_WARNING, tmp);
+        }
+        mh->in_callback--;
+    }
+}
+
+/* Wake the host: the host loop will look at the dirty list, the log and
+ * the host calls. Lock held. */
+static void wake_host_locked(manhole *mh)
+{
+    if (mh->wake_pending || mh->wake_w < 0)
+        return;
+    mh->wake_pending = 1;
+#ifdef MH_HAVE_EVENTFD
+    uint64_t one = 1;
+    ssize_t r;
+    do
+        r = write(mh->wake_w, &one, sizeof one);
+    while (r < 0 && errno == EINTR);
+#else
+    char one = 1;
+    ssize_t r;
+    do
+        r = write(mh->wake_w, &one, 1);
+    while (r < 0 && errno == EINTR);
+#endif
+    MH_UNUSED(r);
+}
+
+static void drain_wake(manhole *mh)
+{
+    char tmp[64];
+    ssize_t r;
+    do
+        r = read(mh->wake_r, tmp, sizeof tmp);
+    while (r > 0 || (r < 0 && errno == EINTR));
+}
+
+/* Put c on the dirty list so the host looks at it. Lock held. */
+static void mark_dirty_locked(client *c)
+{
+    manhole *mh = c->mh;
+    if (!c->dirty) {
+        c->dirty = 1;
+        c->refs++;
+        c->dnext = mh->dirty;
+        mh->dirty = c;
+    }
+    wake_host_locked(mh);
+}
+
+/* ==================================================================== */
+/* Sockets                                                              */
+/* ==================================================================== */
+
+MH_MAYBE_UNUSED static int fd_setup(int fd)
+{
+    int fl = fcntl(fd, F_GETFL);
+    if (fl < 0 || fcntl(fd, F_SETFL, fl | O_NONBLOCK) < 0)
+        return -1;
+    int fdfl = fcntl(fd, F_GETFD);
+    if (fdfl < 0 || fcntl(fd, F_SETFD, fdfl | FD_CLOEXEC) < 0)
+        return -1;
+#ifdef SO_NOSIGPIPE
+    int one = 1;
+    setsockopt(fd, SOL_SOCKET, SO_NOSIGPIPE, &one, sizeof one);
+#endif
+    return 0;
+}
+
+static int new_socket(int domain)
+{
+    int fd;
+#if defined(SOCK_CLOEXEC) && defined(SOCK_NONBLOCK) && !defined(MANHOLE_PORTABLE)
+    fd = socket(domain, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+#else
+    fd = socket(domain, SOCK_STREAM, 0);
+    if (fd >= 0 && fd_setup(fd) < 0) {
+        int e = errno;
+        close(fd);
+        errno = e;
+        return -1;
+    }
+#endif
+    return fd;
+}
+
+MH_MAYBE_UNUSED static void close_keep_errno(int fd)
+{
+    int e = errno;
+    close(fd);
+    errno = e;
+}
+
+static const char *file_kind(mode_t m)
+{
+    if (S_ISREG(m))
+        return "a regular file";
+    if (S_ISDIR(m))
+        return "a directory";
+    if (S_ISLNK(m))
+        return "a symbolic link";
+    if (S_ISFIFO(m))
+        return "a FIFO";
+    if (S_ISCHR(m) || S_ISBLK(m))
+        return "a device";
+    return "not a socket";
+}
+
+/* Is there a live listener at this UNIX socket path? 1 yes, 0 no (stale,
+ * ECONNREFUSED), -1 cannot tell (errno). A non-blocking connect never waits
+ * for a full backlog. */
+static int unix_live(const struct sockaddr_un *sa)
+{
+    int fd = new_socket(AF_UNIX);
+    if (fd < 0)
+        return -1;
+    int r;
+    do
+        r = connect(fd, (const struct sockaddr *)sa, sizeof *sa);
+    while (r < 0 && errno == EINTR);
+    int e = errno;
+    close(fd);
+    if (r == 0 || e == EAGAIN || e == EINPROGRESS)
+        return 1;
+    if (e == ECONNREFUSED)
+        return 0;
+    errno = e;
+    return -1;
+}
+
+static int unix_listen(manhole *mh)
+{
+    const char *path = mh->unix_path;
+    struct sockaddr_un sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sun_family = AF_UNIX;
+    size_t n = strlen(path);
+    if (n == 0)
+        return set_err(mh, MANHOLE_EINVAL, "unix socket path is empty");
+    if (n >= sizeof sa.sun_path)
+        return set_err(mh, MANHOLE_EINVAL,
+                       "%s: path too long for a UNIX socket (%zu bytes, the "
+                       "limit is %zu)",
+                       path, n, sizeof sa.sun_path - 1);
+    memcpy(sa.sun_path, path, n + 1);
+
+    struct stat st;
+    if (lstat(path, &st) == 0) {
+        if (!S_ISSOCK(st.st_mode))
+            return set_err(mh, MANHOLE_EEXIST,
+                           "%s: exists and is %s; refusing to replace it",
+                           path, file_kind(st.st_mode));
+        int live = unix_live(&sa);
+        if (live == 1)
+            return set_err(mh, MANHOLE_EBUSY,
+                           "%s: a live server is already listening there",
+                           path);
+        if (live < 0)
+            return set_err(mh, MANHOLE_ESYS, "%s: cannot probe socket: %s",
+                           path, strerror(errno));
+        if (st.st_uid != geteuid() && geteuid() != 0)
+            return set_err(mh, MANHOLE_EEXIST,
+                           "%s: stale socket owned by uid %ld; refusing to "
+                           "remove it",
+                           path, (long)st.st_uid);
+        if (unlink(path) < 0 && errno != ENOENT)
+            return set_err(mh, MANHOLE_ESYS,
+                           "%s: cannot remove stale socket: %s", path,
+                           strerror(errno));
+        LOG(mh, MANHOLE_LOG_INFO, "replaced stale socket %s", path);
+    } else if (errno != ENOENT) {
+        return set_err(mh, MANHOLE_ESYS, "%s: %s", path, strerror(errno));
+    }
+
+    int fd = new_socket(AF_UNIX);
+    if (fd < 0)
+        return set_err(mh, MANHOLE_ESYS, "%s: socket: %s", path,
+                       strerror(errno));
+#ifdef __linux__
+    /* Linux creates the file with the socket inode's mode: race-free. */
+    (void)fchmod(fd, mh->cfg.unix_mode & 0777);
+#endif
+    mode_t old = umask(0177);
+    int r = bind(fd, (struct sockaddr *)&sa, sizeof sa);
+    int e = errno;
+    umask(old);
+    if (r < 0) {
+        close(fd);
+        if (e == EADDRINUSE)
+            return set_err(mh, MANHOLE_EBUSY,
+                           "%s: address already in use", path);
+        return set_err(mh, MANHOLE_ESYS, "%s: cannot bind: %s", path,
+                       strerror(e));
+    }
+    if (chmod(path, mh->cfg.unix_mode & 07777) < 0 ||
+        listen(fd, 128) < 0) {
+        e = errno;
+        close(fd);
+        unlink(path);
+        return set_err(mh, MANHOLE_ESYS, "%s: %s", path, strerror(e));
+    }
+    mh->lfd_unix = fd;
+    return MANHOLE_OK;
+}
+
+static int is_loopback(const struct sockaddr *sa)
+{
+    if (sa->sa_family == AF_INET) {
+        const struct sockaddr_in *in = (const struct sockaddr_in *)sa;
+        return (ntohl(in->sin_addr.s_addr) >> 24) == 127;
+    }
+    if (sa->sa_family == AF_INET6) {
+        const struct sockaddr_in6 *in6 = (const struct sockaddr_in6 *)sa;
+        if (IN6_IS_ADDR_LOOPBACK(&in6->sin6_addr))
+            return 1;
+        if (IN6_IS_ADDR_V4MAPPED(&in6->sin6_addr))
+            return in6->sin6_addr.s6_addr[12] == 127;
+    }
+    return 0;
+}
+
+static void format_addr(const struct sockaddr *sa, char *out, size_t n)
+{
+    char host[INET6_ADDRSTRLEN] = "?";
+    int port = 0;
+    if (sa->sa_family == AF_INET) {
+        const struct sockaddr_in *in = (const struct sockaddr_in *)sa;
+        inet_ntop(AF_INET, &in->sin_addr, host, sizeof host);
+        port = ntohs(in->sin_port);
+        snprintf(out, n, "%s:%d", host, port);
+    } else if (sa->sa_family == AF_INET6) {
+        const struct sockaddr_in6 *in6 = (const struct sockaddr_in6 *)sa;
+        inet_ntop(AF_INET6, &in6->sin6_addr, host, sizeof host);
+        port = ntohs(in6->sin6_port);
+        snprintf(out, n, "[%s]:%d", host, port);
+    } else {
+        snprintf(out, n, "?");
+    }
+}
+
+static int tcp_listen(manhole *mh)
+{
+    const char *host = mh->tcp_host;
+    char port[16];
+    snprintf(port, sizeof port, "%d", mh->cfg.tcp_port);
+    struct addrinfo hints, *res = NULL;
+    memset(&hints, 0, sizeof hints);
+    hints.ai_family = AF_UNSPEC;
+    hints.ai_socktype = SOCK_STREAM;
+    hints.ai_flags = AI_PASSIVE | AI_NUMERICSERV;
+    int g = getaddrinfo(host, port, &hints, &res);
+    if (g != 0)
+        return set_err(mh, MANHOLE_EINVAL, "tcp %s:%s: %s", host, port,
+                       gai_strerror(g));
+    int rc = MANHOLE_OK, fd = -1;
+    for (struct addrinfo *ai = res; ai; ai = ai->ai_next) {
+        if (!is_loopback(ai->ai_addr) && !mh->cfg.tcp_allow_nonlocal) {
+            rc = set_err(mh, MANHOLE_EINVAL,
+                         "tcp %s: not a loopback address; set "
+                         "tcp_allow_nonlocal to listen on it",
+                         host);
+            break;
+        }
+        fd = new_socket(ai->ai_family);
+        if (fd < 0) {
+            rc = set_err(mh, MANHOLE_ESYS, "tcp %s:%s: socket: %s", host,
+                         port, strerror(errno));
+            continue;
+        }
+        int one = 1;
+        setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+        if (bind(fd, ai->ai_addr, ai->ai_addrlen) < 0 ||
+            listen(fd, 128) < 0) {
+            rc = set_err(mh, MANHOLE_ESYS, "tcp %s:%s: cannot bind: %s",
+                         host, port, strerror(errno));
+            close(fd);
+            fd = -1;
+            continue;
+        }
+        struct sockaddr_storage ss;
+        socklen_t sl = sizeof ss;
+        getsockname(fd, (struct sockaddr *)&ss, &sl);
+        mh->tcp_port = ntohs(ss.ss_family == AF_INET6
+                                 ? ((struct sockaddr_in6 *)&ss)->sin6_port
+                                 : ((struct sockaddr_in *)&ss)->sin_port);
+        if (!is_loopback(ai->ai_addr))
+            LOG(mh, MANHOLE_LOG_WARNING,
+                "listening on non-loopback address %s port %d: anyone who "
+                "can reach it gets a Python prompt in this process",
+                host, mh->tcp_port);
+        rc = MANHOLE_OK;
+        break;
+    }
+    freeaddrinfo(res);
+    if (fd < 0)
+        return rc != MANHOLE_OK ? rc
+                                : set_err(mh, MANHOLE_ESYS, "tcp %s: no address",
+                                          host);
+    mh->lfd_tcp = fd;
+    return MANHOLE_OK;
+}
+
+static int accept_fd(int lfd)
+{
+    for (;;) {
+#ifdef MH_HAVE_ACCEPT4
+        int fd = accept4(lfd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+#else
+        int fd = accept(lfd, NULL, NULL);
+        if (fd >= 0 && fd_setup(fd) < 0) {
+            close_keep_errno(fd);
+            fd = -1;
+        }
+#endif
+        if (fd < 0 && errno == EINTR)
+            continue;
+        return fd;
+    }
+}
+
+#if !defined(MH_HAVE_SO_PEERCRED) && defined(__linux__)
+/* glibc has no getpeereid(); the portable build gets this stand-in so the
+ * BSD code path (uid only, no pid) runs on Linux too. */
+static int getpeereid(int fd, uid_t *uid, gid_t *gid)
+{
+    struct ucred uc;
+    socklen_t len = sizeof uc;
+    if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &uc, &len) < 0)
+        return -1;
+    *uid = uc.uid;
+    *gid = uc.gid;
+    return 0;
+}
+#endif
+
+/* The peer's pid (-1 if unknown) and effective uid. */
+static int peer_creds(int fd, long *pid, long *uid)
+{
+#ifdef MH_HAVE_SO_PEERCRED
+    struct ucred uc;
+    socklen_t len = sizeof uc;
+    if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &uc, &len) < 0)
+        return -1;
+    *pid = (long)uc.pid;
+    *uid = (long)uc.uid;
+    return 0;
+#else
+    uid_t u;
+    gid_t g;
+    if (getpeereid(fd, &u, &g) < 0)
+        return -1;
+    *pid = -1;
+    *uid = (long)u;
+    return 0;
+#endif
+}
+
+/* send() that can never raise SIGPIPE and never touches the host's
+ * SIGPIPE disposition. */
+static ssize_t xsend(int fd, const void *p, size_t n)
+{
+    ssize_t r;
+#if MH_SEND_FLAGS != 0 || defined(SO_NOSIGPIPE)
+    do
+        r = send(fd, p, n, MH_SEND_FLAGS);
+    while (r < 0 && errno == EINTR);
+#else
+    /* Block SIGPIPE in this thread for the call and swallow the one the
+     * call raised, if any (and only that one). */
+    sigset_t pipe_set, old, pending;
+    sigemptyset(&pipe_set);
+    sigaddset(&pipe_set, SIGPIPE);
+    pthread_sigmask(SIG_BLOCK, &pipe_set, &old);
+    sigpending(&pending);
+    int was_pending = sigismember(&pending, SIGPIPE);
+    do
+        r = send(fd, p, n, 0);
+    while (r < 0 && errno == EINTR);
+    if (r < 0 && errno == EPIPE && !was_pending) {
+        int e = errno;
+        struct timespec zero = {0, 0};
+        while (sigtimedwait(&pipe_set, NULL, &zero) < 0 && errno == EINTR)
+            ;
+        errno = e;
+    }
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+#endif
+    return r;
+}
+
+/* Best effort: a one-line message to a client we are about to drop. */
+static void send_and_close(int fd, const char *msg)
+{
+    (void)xsend(fd, msg, strlen(msg));
+    close(fd);
+}
+
+/* ==================================================================== */
+/* Poller: epoll on Linux, poll() elsewhere                             */
+/* ==================================================================== */
+
+static void pfds_mark_dirty(manhole *mh) { mh->pfds_dirty = 1; }
+
+static int poller_init(manhole *mh)
+{
+#ifdef MH_HAVE_EPOLL
+    mh->epfd = epoll_create1(EPOLL_CLOEXEC);
+    if (mh->epfd < 0)
+        return -1;
+#endif
+    MH_UNUSED(mh);
+    return 0;
+}
+
+#ifdef MH_HAVE_EPOLL
+static uint32_t to_epoll(unsigned ev)
+{
+    return ((ev & EV_IN) ? EPOLLIN : 0) | ((ev & EV_OUT) ? EPOLLOUT : 0);
+}
+#endif
+
+static int poller_add(manhole *mh, int fd, void *tag, unsigned ev)
+{
+    pfds_mark_dirty(mh);
+#ifdef MH_HAVE_EPOLL
+    struct epoll_event e;
+    memset(&e, 0, sizeof e);
+    e.events = to_epoll(ev);
+    e.data.ptr = tag;
+    return epoll_ctl(mh->epfd, EPOLL_CTL_ADD, fd, &e);
+#else
+    MH_UNUSED(fd);
+    MH_UNUSED(tag);
+    MH_UNUSED(ev);
+    return 0;
+#endif
+}
+
+static void poller_mod(manhole *mh, int fd, void *tag, unsigned ev)
+{
+    pfds_mark_dirty(mh);
+#ifdef MH_HAVE_EPOLL
+    struct epoll_event e;
+    memset(&e, 0, sizeof e);
+    e.events = to_epoll(ev);
+    e.data.ptr = tag;
+    epoll_ctl(mh->epfd, EPOLL_CTL_MOD, fd, &e);
+#else
+    MH_UNUSED(fd);
+    MH_UNUSED(tag);
+    MH_UNUSED(ev);
+#endif
+}
+
+static void poller_del(manhole *mh, int fd)
+{
+    pfds_mark_dirty(mh);
+#ifdef MH_HAVE_EPOLL
+    struct epoll_event e;
+    memset(&e, 0, sizeof e);
+    epoll_ctl(mh->epfd, EPOLL_CTL_DEL, fd, &e);
+#else
+    MH_UNUSED(fd);
+#endif
+}
+
+static short to_poll(unsigned ev)
+{
+    return (short)(((ev & EV_IN) ? POLLIN : 0) | ((ev & EV_OUT) ? POLLOUT : 0));
+}
+
+MH_MAYBE_UNUSED static unsigned from_poll(short re)
+{
+    return ((re & POLLIN) ? EV_IN : 0) | ((re & POLLOUT) ? EV_OUT : 0) |
+           ((re & POLLHUP) ? EV_HUP : 0) | ((re & (POLLERR | POLLNVAL)) ? EV_ERR : 0);
+}
+
+/* Rebuild the pollfd array (listeners, wake-up, clients) if it changed. */
+static int pfds_build(manhole *mh)
+{
+    if (!mh->pfds_dirty && mh->pfds)
+        return 0;
+    int need = 3 + mh->nclients;
+    if (need > mh->cappfds) {
+        int ncap = need * 2;
+        struct pollfd *np = realloc(mh->pfds, (size_t)ncap * sizeof *np);
+        if (!np)
+            return -1;
+        mh->pfds = np;
+        void **nt = realloc(mh->ptags, (size_t)ncap * sizeof *nt);
+        if (!nt)
+            return -1;
+        mh->ptags = nt;
+        mh->cappfds = ncap;
+    }
+    int n = 0;
+    if (mh->lfd_unix >= 0) {
+        mh->pfds[n] = (struct pollfd){mh->lfd_unix, POLLIN, 0};
+        mh->ptags[n++] = TAG_LISTEN_UNIX;
+    }
+    if (mh->lfd_tcp >= 0) {
+        mh->pfds[n] = (struct pollfd){mh->lfd_tcp, POLLIN, 0};
+        mh->ptags[n++] = TAG_LISTEN_TCP;
+    }
+    mh->pfds[n] = (struct pollfd){mh->wake_r, POLLIN, 0};
+    mh->ptags[n++] = TAG_WAKE;
+    for (client *c = mh->clients; c; c = c->next) {
+        mh->pfds[n] = (struct pollfd){c->fd, to_poll(c->ev), 0};
+        mh->ptags[n++] = c;
+    }
+    mh->npfds = n;
+    mh->pfds_dirty = 0;
+    return 0;
+}
+
+typedef struct ready {
+    void *tag;
+    unsigned ev;
+} ready;
+
+#define MAX_READY 64
+
+/* Wait up to timeout_ms for readiness; fill out[]. Returns the count, 0 on
+ * timeout or EINTR, -1 on error. */
+static int poller_wait(manhole *mh, int timeout_ms, ready *out)
+{
+#ifdef MH_HAVE_EPOLL
+    struct epoll_event evs[MAX_READY];
+    int n = epoll_wait(mh->epfd, evs, MAX_READY, timeout_ms);
+    if (n < 0)
+        return errno == EINTR ? 0 : -1;
+    for (int i = 0; i < n; i++) {
+        uint32_t e = evs[i].events;
+        out[i].tag = evs[i].data.ptr;
+        out[i].ev = ((e & EPOLLIN) ? EV_IN : 0) | ((e & EPOLLOUT) ? EV_OUT : 0) |
+                    ((e & EPOLLHUP) ? EV_HUP : 0) | ((e & EPOLLERR) ? EV_ERR : 0);
+    }
+    return n;
+#else
+    if (pfds_build(mh) < 0)
+        return -1;
+    int n = poll(mh->pfds, (nfds_t)mh->npfds, timeout_ms);
+    if (n < 0)
+        return errno == EINTR ? 0 : -1;
+    int k = 0;
+    for (int i = 0; i < mh->npfds && k < MAX_READY; i++) {
+        if (mh->pfds[i].revents) {
+            out[k].tag = mh->ptags[i];
+            out[k].ev = from_poll(mh->pfds[i].revents);
+            k++;
+        }
+    }
+    return k;
+#endif
+}
+
+/* ==================================================================== */
+/* Framing: bytes from the socket into line records                     */
+/* ==================================================================== */
+
+enum { IAC_NONE, IAC_CMD, IAC_OPT, IAC_SB, IAC_SB_IAC };
+
+static int rec_add(buf *recs, int kind, const char *p, size_t n)
+{
+    unsigned char hdr[5];
+    uint32_t len = (uint32_t)n;
+    hdr[0] = (unsigned char)kind;
+    memcpy(hdr + 1, &len, 4);
+    if (buf_add(recs, hdr, 5) < 0 || buf_add(recs, p, n) < 0)
+        return -1;
+    return 0;
+}
+
+static int rec_error(buf *recs, const char *fmt, ...)
+    __attribute__((format(printf, 2, 3)));
+static int rec_error(buf *recs, const char *fmt, ...)
+{
+    char msg[256];
+    va_list ap;
+    va_start(ap, fmt);
+    int n = vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    if (n < 0)
+        return -1;
+    return rec_add(recs, REC_ERROR, msg, MH_MIN((size_t)n, sizeof msg - 1));
+}
+
+/* Does a first line look like HTTP (a request line or a Host: header)? */
+static int looks_like_http(const char *s, size_t n)
+{
+    if (n >= 5 && strncasecmp(s, "host:", 5) == 0)
+        return 1;
+    size_t i = 0;
+    while (i < n && s[i] >= 'A' && s[i] <= 'Z')
+        i++;
+    if (i < 3 || i > 12 || i >= n || s[i] != ' ')
+        return 0;
+    i++;
+    while (i < n && s[i] != ' ')
+        i++;
+    return n - i >= 6 && memcmp(s + i, " HTTP/", 6) == 0;
+}
+
+/* A line ended: validate it and turn it into a record. Returns -1 when the
+ * client must be dropped (HTTP on TCP), -2 when out of memory. */
+static int end_line(client *c, buf *recs)
+{
+    manhole *mh = c->mh;
+    const char *p = c->line.p ? c->line.p : "";
+    size_t n = c->line.len;
+    int first = !c->got_line;
+    c->got_line = 1;
+    int r;
+    if (first && c->transport == T_TCP && looks_like_http(p, n))
+        return -1;
+    if (c->discard) {
+        c->discard = 0;
+        r = rec_error(recs, "manhole: line longer than %zu bytes discarded",
+                      mh->cfg.max_line);
+    } else if (memchr(p, 0, n)) {
+        r = rec_error(recs, "manhole: line with a NUL byte discarded");
+    } else {
+        size_t bad;
+        if (!utf8_valid((const unsigned char *)p, n, &bad))
+            r = rec_error(recs,
+                          "manhole: line discarded: not valid UTF-8 (byte "
+                          "%zu is 0x%02x)",
+                          bad + 1, (unsigned char)p[bad]);
+        else {
+            r = rec_add(recs, REC_LINE, p, n);
+            if (mh->cfg.audit)
+                LOG(mh, MANHOLE_LOG_AUDIT, "client #%u input: %.*s", c->id,
+                    (int)MH_MIN(n, 900), p);
+        }
+    }
+    buf_clear(&c->line);
+    return r < 0 ? -2 : 0;
+}
+
+/* Feed bytes into the framer. Complete lines go to recs. */
+static int frame_bytes(client *c, const unsigned char *p, size_t n, buf *recs)
+{
+    size_t max_line = c->mh->cfg.max_line;
+    size_t i = 0;
+    while (i < n) {
+        unsigned char ch = p[i];
+        if (c->iac != IAC_NONE) {
+            i++;
+            switch (c->iac) {
+            case IAC_CMD:
+                if (ch == 0xFF) { /* IAC IAC: a literal 0xFF byte */
+                    c->iac = IAC_NONE;
+                    goto literal;
+                }
+                c->iac = (ch >= 251 && ch <= 254) ? IAC_OPT
+                         : ch == 250              ? IAC_SB
+                                                  : IAC_NONE;
+                break;
+            case IAC_OPT:
+                c->iac = IAC_NONE;
+                break;
+            case IAC_SB:
+                if (ch == 0xFF)
+                    c->iac = IAC_SB_IAC;
+                break;
+            case IAC_SB_IAC:
+                c->iac = ch == 240 ? IAC_NONE : IAC_SB;
+                break;
+            }
+            continue;
+        literal:
+            if (c->line.len < max_line) {
+                if (buf_add(&c->line, &ch, 1) < 0)
+                    return -2;
+            } else
+                c->discard = 1;
+            continue;
+        }
+        if (c->after_cr) {
+            c->after_cr = 0;
+            if (ch == '\n' || ch == '\0') {
+                i++;
+                continue;
+            }
+        }
+        if (ch == '\n' || ch == '\r') {
+            c->after_cr = ch == '\r';
+            i++;
+            int r = end_line(c, recs);
+            if (r < 0)
+                return r;
+            continue;
+        }
+        if (ch == 0xFF) {
+            c->iac = IAC_CMD;
+            i++;
+            continue;
+        }
+        /* A run of ordinary bytes. */
+        size_t j = i + 1;
+        while (j < n && p[j] != '\n' && p[j] != '\r' && p[j] != 0xFF)
+            j++;
+        size_t run = j - i;
+        if (!c->discard) {
+            size_t room = max_line - MH_MIN(max_line, c->line.len);
+            if (run > room) {
+                c->discard = 1;
+                buf_free(&c->line); /* keep memory bounded */
+            } else if (buf_add(&c->line, p + i, run) < 0) {
+                return -2;
+            }
+        }
+        i = j;
+    }
+    return 0;
+}
+
+/* ==================================================================== */
+/* Output: per-client buffers, written by workers, sent by the host     */
+/* ==================================================================== */
+
+static void client_free(client *c)
+{
+    buf_free(&c->line);
+    buf_free(&c->tx);
+    buf_free(&c->inq);
+    buf_free(&c->out);
+    buf_free(&c->src);
+    pthread_cond_destroy(&c->cv);
+    free(c);
+}
+
+/* Drop a reference. Lock held. A client with a Python session is only
+ * released by someone holding the GIL (see client_close()). */
+static void client_unref_locked(client *c)
+{
+    if (--c->refs == 0)
+        client_free(c);
+}
+
+static void output_wait(worker *w, client *c);
+
+/* Append output for a client. w is the worker producing it (it may be
+ * made to wait for room), or NULL for short texts that must never wait
+ * (the watchdog's report). Lock NOT held on entry. */
+static void client_output(worker *w, client *c, const char *p, size_t n)
+{
+    manhole *mh = c->mh;
+    size_t cap = mh->cfg.max_output;
+    pthread_mutex_lock(&mh->lock);
+    while (n > 0) {
+        if (c->dead || mh->stopping || (w && w->timed_out))
+            break; /* nobody will read it */
+        size_t pending = buf_used(&c->out) + c->tx_backlog;
+        size_t room = pending < cap ? cap - pending : 0;
+        if (!w)
+            room = n;
+        if (room == 0) {
+            output_wait(w, c);
+            continue;
+        }
+        size_t k = MH_MIN(room, n);
+        if (buf_add(&c->out, p, k) < 0)
+            break;
+        p += k;
+        n -= k;
+        mark_dirty_locked(c);
+    }
+    pthread_mutex_unlock(&mh->lock);
+}
+
+static void client_output_str(worker *w, client *c, const char *s)
+{
+    client_output(w, c, s, strlen(s));
+}
+
+static int client_flush(client *c);
+static void client_close(client *c, const char *why);
+
+/* Wait until the client's pending output drops below the cap, or the
+ * statement is abandoned, the client gone, the manhole closing. Lock and
+ * GIL held on entry and on exit; both are released while waiting. */
+static void output_wait(worker *w, client *c)
+{
+    manhole *mh = c->mh;
+    size_t cap = mh->cfg.max_output;
+    PyThreadState *ts;
+    if (!w->is_host) {
+        c->out_waiters++;
+        pthread_mutex_unlock(&mh->lock);
+        ts = PyEval_SaveThread();
+        pthread_mutex_lock(&mh->lock);
+        while (!c->dead && !mh->stopping && !w->timed_out &&
+               buf_used(&c->out) + c->tx_backlog >= cap)
+            pthread_cond_wait(&c->cv, &mh->lock);
+        c->out_waiters--;
+        pthread_mutex_unlock(&mh->lock);
+        PyEval_RestoreThread(ts);
+        pthread_mutex_lock(&mh->lock);
+        return;
+    }
+    /* Non-threaded mode: we are the host thread, so send it ourselves. */
+    pthread_mutex_unlock(&mh->lock);
+    ts = PyEval_SaveThread();
+    for (;;) {
+        if (client_flush(c) < 0) {
+            client_close(c, "connection lost");
+            break;
+        }
+        pthread_mutex_lock(&mh->lock);
+        int full = buf_used(&c->out) + c->tx_backlog >= cap;
+        int stop = c->dead || w->timed_out || mh->stopping;
+        pthread_mutex_unlock(&mh->lock);
+        if (!full || stop)
+            break;
+        struct pollfd pf = {c->fd, POLLOUT, 0};
+        (void)poll(&pf, 1, 100);
+    }
+    PyEval_RestoreThread(ts);
+    pthread_mutex_lock(&mh->lock);
+}
+
+/* ==================================================================== */
+/* Python glue                                                          */
+/* ==================================================================== */
+
+/* Process-wide state lives in a module "_manhole" in sys.modules, so it
+ * goes away with the interpreter: the shared object types, the stream
+ * proxies, how many manholes use them, and whether a manhole started
+ * Python. */
+
+typedef struct {
+    PyObject_HEAD
+    manhole *mh;         /* NULL once the manhole is closed */
+    PyObject *bindings;  /* dict: name -> Binding */
+} CoreObject;
+
+typedef struct {
+    PyObject_HEAD
+    int type;
+    void *addr;
+    int flags;
+} BindingObject;
+
+typedef struct {
+    PyDictObject dict;
+    PyObject *core;
+} NsObject;
+
+typedef struct {
+    PyObject_HEAD
+    manhole_fn *fn;
+    void *ud;
+    int flags;
+    PyObject *name, *doc, *core;
+} CFuncObject;
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *orig;
+    int kind;
+} ProxyObject;
+
+enum { K_STDOUT, K_STDERR, K_STDIN };
+
+static void simple_dealloc(PyObject *self)
+{
+    PyTypeObject *tp = Py_TYPE(self);
+    tp->tp_free(self);
+    Py_DECREF(tp);
+}
+
+static void core_dealloc(PyObject *self)
+{
+    Py_CLEAR(((CoreObject *)self)->bindings);
+    simple_dealloc(self);
+}
+
+static void cfunc_dealloc(PyObject *self)
+{
+    CFuncObject *f = (CFuncObject *)self;
+    Py_CLEAR(f->name);
+    Py_CLEAR(f->doc);
+    Py_CLEAR(f->core);
+    simple_dealloc(self);
+}
+
+static void proxy_dealloc(PyObject *self)
+{
+    Py_CLEAR(((ProxyObject *)self)->orig);
+    simple_dealloc(self);
+}
+
+static void ns_dealloc(PyObject *self)
+{
+    PyTypeObject *tp = Py_TYPE(self);
+    PyObject_GC_UnTrack(self);
+    Py_CLEAR(((NsObject *)self)->core);
+    PyDict_Type.tp_dealloc(self); /* frees through tp_free */
+    Py_DECREF(tp);
+}
+
+static int ns_traverse(PyObject *self, visitproc visit, void *arg)
+{
+    Py_VISIT(((NsObject *)self)->core);
+    return PyDict_Type.tp_traverse(self, visit, arg);
+}
+
+static int ns_clear(PyObject *self)
+{
+    Py_CLEAR(((NsObject *)self)->core);
+    return PyDict_Type.tp_clear(self);
+}
+
+static PyObject *new_of(PyObject *type)
+{
+    return ((PyTypeObject *)type)->tp_alloc((PyTypeObject *)type, 0);
+}
+
+/* ---- Live bindings ---------------------------------------------------- */
+
+#if defined(__GNUC__) || defined(__clang__)
+#define MH_LOAD(T, p) __atomic_load_n((T *)(p), __ATOMIC_RELAXED)
+#define MH_STORE(T, p, v) __atomic_store_n((T *)(p), (T)(v), __ATOMIC_RELAXED)
+#define MH_LOADF(T, p, out) __atomic_load((T *)(p), (out), __ATOMIC_RELAXED)
+#define MH_STOREF(T, p, in) __atomic_store((T *)(p), (in), __ATOMIC_RELAXED)
+#else
+#define MH_LOAD(T, p) (*(volatile T *)(p))
+#define MH_STORE(T, p, v) (*(volatile T *)(p) = (T)(v))
+#define MH_LOADF(T, p, out) (*(out) = *(volatile T *)(p))
+#define MH_STOREF(T, p, in) (*(volatile T *)(p) = *(in))
+#endif
+
+static PyObject *binding_get(BindingObject *b)
+{
+    void *a = b->addr;
+    switch (b->type) {
+    case MANHOLE_BOOL:
+        return PyBool_FromLong(MH_LOAD(_Bool, a));
+    case MANHOLE_INT:
+        return PyLong_FromLong(MH_LOAD(int, a));
+    case MANHOLE_UINT:
+        return PyLong_FromUnsignedLong(MH_LOAD(unsigned, a));
+    case MANHOLE_LONG:
+        return PyLong_FromLong(MH_LOAD(long, a));
+    case MANHOLE_ULONG:
+        return PyLong_FromUnsignedLong(MH_LOAD(unsigned long, a));
+    case MANHOLE_LLONG:
+        return PyLong_FromLongLong(MH_LOAD(long long, a));
+    case MANHOLE_ULLONG:
+        return PyLong_FromUnsignedLongLong(MH_LOAD(unsigned long long, a));
+    case MANHOLE_SIZE:
+        return PyLong_FromSize_t(MH_LOAD(size_t, a));
+    case MANHOLE_FLOAT: {
+        float f;
+        MH_LOADF(float, a, &f);
+        return PyFloat_FromDouble(f);
+    }
+    case MANHOLE_DOUBLE: {
+        double d;
+        MH_LOADF(double, a, &d);
+        return PyFloat_FromDouble(d);
+    }
+    case MANHOLE_STRING: {
+        const char *s = MH_LOAD(const char *, a);
+        if (!s)
+            Py_RETURN_NONE;
+        return PyUnicode_DecodeUTF8(s, (Py_ssize_t)strlen(s), "replace");
+    }
+    }
+    Py_RETURN_NONE;
+}
+
+static int hostcall_run(manhole *mh, hostcall *hc, int any_thread);
+
+/* Convert v for a binding of type t into hc->val (with range checks). */
+static int binding_convert(int t, PyObject *v, hostcall *hc)
+{
+    if (t == MANHOLE_FLOAT || t == MANHOLE_DOUBLE) {
+        double d = PyFloat_AsDouble(v);
+        if (d == -1.0 && PyErr_Occurred())
+            return -1;
+        hc->val.d = d;
+        return 0;
+    }
+    if (t == MANHOLE_BOOL) {
+        int b = PyObject_IsTrue(v);
+        if (b < 0)
+            return -1;
+        hc->val.i = b;
+        return 0;
+    }
+    if (!PyLong_Check(v)) {
+        PyErr_Format(PyExc_TypeError, "an int is required, not %.100s",
+                     Py_TYPE(v)->tp_name);
+        return -1;
+    }
+    int is_unsigned = t == MANHOLE_UINT || t == MANHOLE_ULONG ||
+                      t == MANHOLE_ULLONG || t == MANHOLE_SIZE;
+    if (is_unsigned) {
+        unsigned long long u = PyLong_AsUnsignedLongLong(v);
+        if (u == (unsigned long long)-1 && PyErr_Occurred())
+            return -1;
+        unsigned long long max = t == MANHOLE_UINT    ? UINT_MAX
+                                 : t == MANHOLE_ULONG ? ULONG_MAX
+                                 : t == MANHOLE_SIZE  ? SIZE_MAX
+                                                      : ULLONG_MAX;
+        if (u > max) {
+            PyErr_SetString(PyExc_OverflowError, "value out of range");
+            return -1;
+        }
+        hc->val.u = u;
+        return 0;
+    }
+    long long i = PyLong_AsLongLong(v);
+    if (i == -1 && PyErr_Occurred())
+        return -1;
+    long long lo = t == MANHOLE_INT ? INT_MIN : t == MANHOLE_LONG ? LONG_MIN : LLONG_MIN;
+    long long hi = t == MANHOLE_INT ? INT_MAX : t == MANHOLE_LONG ? LONG_MAX : LLONG_MAX;
+    if (i < lo || i > hi) {
+        PyErr_SetString(PyExc_OverflowError, "value out of range");
+        return -1;
+    }
+    hc->val.i = i;
+    return 0;
+}
+
+static void binding_store(hostcall *hc)
+{
+    void *a = hc->addr;
+    switch (hc->type) {
+    case MANHOLE_BOOL: MH_STORE(_Bool, a, hc->val.i != 0); break;
+    case MANHOLE_INT: MH_STORE(int, a, hc->val.i); break;
+    case MANHOLE_UINT: MH_STORE(unsigned, a, hc->val.u); break;
+    case MANHOLE_LONG: MH_STORE(long, a, hc->val.i); break;
+    case MANHOLE_ULONG: MH_STORE(unsigned long, a, hc->val.u); break;
+    case MANHOLE_LLONG: MH_STORE(long long, a, hc->val.i); break;
+    case MANHOLE_ULLONG: MH_STORE(unsigned long long, a, hc->val.u); break;
+    case MANHOLE_SIZE: MH_STORE(size_t, a, hc->val.u); break;
+    case MANHOLE_FLOAT: {
+        float f = (float)hc->val.d;
+        MH_STOREF(float, a, &f);
+        break;
+    }
+    case MANHOLE_DOUBLE: MH_STOREF(double, a, &hc->val.d); break;
+    }
+}
+
+static int binding_set(CoreObject *core, BindingObject *b, PyObject *key,
+                       PyObject *v)
+{
+    if (!v || !(b->flags & MANHOLE_WRITABLE)) {
+        PyErr_Format(PyExc_AttributeError,
+                     "'%U' is bound to a read-only C variable", key);
+        return -1;
+    }
+    hostcall hc;
+    memset(&hc, 0, sizeof hc);
+    hc.kind = HC_STORE;
+    hc.type = b->type;
+    hc.addr = b->addr;
+    if (binding_convert(b->type, v, &hc) < 0)
+        return -1;
+    if (!core->mh) {
+        PyErr_SetString(PyExc_RuntimeError, "the manhole is closed");
+        return -1;
+    }
+    return hostcall_run(core->mh, &hc, 0);
+}
+
+static PyObject *ns_subscript(PyObject *self, PyObject *key)
+{
+    CoreObject *core = (CoreObject *)((NsObject *)self)->core;
+    if (core && core->bindings && PyDict_GET_SIZE(core->bindings) &&
+        PyUnicode_CheckExact(key)) {
+        PyObject *b = PyDict_GetItemWithError(core->bindings, key);
+        if (b)
+            return binding_get((BindingObject *)b);
+        if (PyErr_Occurred())
+            return NULL;
+    }
+    return PyDict_Type.tp_as_mapping->mp_subscript(self, key);
+}
+
+static int ns_ass_subscript(PyObject *self, PyObject *key, PyObject *v)
+{
+    CoreObject *core = (CoreObject *)((NsObject *)self)->core;
+    if (core && core->bindings && PyDict_GET_SIZE(core->bindings) &&
+        PyUnicode_CheckExact(key)) {
+        PyObject *b = PyDict_GetItemWithError(core->bindings, key);
+        if (b)
+            return binding_set(core, (BindingObject *)b, key, v);
+        if (PyErr_Occurred())
+            return -1;
+    }
+    return PyDict_Type.tp_as_mapping->mp_ass_subscript(self, key, v);
+}
+
+/* ---- C functions ------------------------------------------------------ */
+
+#define MH_MAX_ARGS 32
+#define HC_CANCELLED (-1000)
+
+/* Call (or store) on whatever thread we are; results copied. GIL not
+ * held. */
+static void hostcall_exec(hostcall *hc)
+{
+    if (hc->kind == HC_STORE) {
+        binding_store(hc);
+        hc->rc = 0;
+        return;
+    }
+    memset(&hc->ret, 0, sizeof hc->ret);
+    hc->ret.type = MANHOLE_NONE;
+    hc->err[0] = 0;
+    hc->rc = hc->fn(hc->ud, hc->argc, hc->argv, &hc->ret, hc->err,
+                    sizeof hc->err);
+    if (hc->rc == 0 &&
+        (hc->ret.type == MANHOLE_STRING || hc->ret.type == MANHOLE_BYTES)) {
+        const char *s = hc->ret.s ? hc->ret.s : "";
+        size_t n = hc->ret.type == MANHOLE_STRING && !hc->ret.len && hc->ret.s
+                       ? strlen(s)
+                       : hc->ret.len;
+        hc->ret_copy = malloc(n + 1);
+        if (hc->ret_copy) {
+            memcpy(hc->ret_copy, s, n);
+            hc->ret_copy[n] = 0;
+        }
+        hc->ret.s = hc->ret_copy;
+        hc->ret.len = n;
+    }
+}
+
+/* Run hc on the host thread (or right here, if this is the host thread,
+ * not a manhole worker, or any_thread). GIL held on entry and exit.
+ * Returns 0, or -1 with a Python exception set when cancelled. */
+static int hostcall_run(manhole *mh, hostcall *hc, int any_thread)
+{
+    worker *w = tl_worker;
+    if (any_thread || !w || w->is_host || w->mh != mh) {
+        Py_BEGIN_ALLOW_THREADS
+        hostcall_exec(hc);
+        Py_END_ALLOW_THREADS
+        return 0;
+    }
+    int cancelled = 0;
+    PyThreadState *ts = PyEval_SaveThread();
+    pthread_mutex_lock(&mh->lock);
+    if (mh->stopping) {
+        cancelled = 1;
+    } else {
+        hc->next = NULL;
+        if (mh->hc_tail)
+            mh->hc_tail->next = hc;
+        else
+            mh->hc_head = hc;
+        mh->hc_tail = hc;
+        wake_host_locked(mh);
+        while (!hc->done) {
+            if (!hc->started && (w->timed_out || w->want_int || mh->stopping)) {
+                /* Give up before the host starts it: unlink. */
+                hostcall **pp = &mh->hc_head;
+                hostcall *prev = NULL;
+                while (*pp && *pp != hc) {
+                    prev = *pp;
+                    pp = &(*pp)->next;
+                }
+                if (*pp) {
+                    *pp = hc->next;
+                    if (mh->hc_tail == hc)
+                        mh->hc_tail = prev;
+                }
+                cancelled = 1;
+                break;
+            }
+            pthread_cond_wait(&mh->hc_cv, &mh->lock);
+        }
+        if (hc->rc == HC_CANCELLED)
+            cancelled = 1;
+    }
+    pthread_mutex_unlock(&mh->lock);
+    PyEval_RestoreThread(ts);
+    if (cancelled) {
+        if (mh->stopping)
+            PyErr_SetString(PyExc_RuntimeError, "the manhole is closing");
+        else
+            PyErr_SetNone(PyExc_KeyboardInterrupt);
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *cfunc_call(PyObject *self, PyObject *args, PyObject *kw)
+{
+    CFuncObject *f = (CFuncObject *)self;
+    CoreObject *core = (CoreObject *)f->core;
+    if (kw && PyDict_GET_SIZE(kw)) {
+        PyErr_Format(PyExc_TypeError, "%U() takes no keyword arguments",
+                     f->name);
+        return NULL;
+    }
+    if (!core->mh) {
+        PyErr_SetString(PyExc_RuntimeError, "the manhole is closed");
+        return NULL;
+    }
+    Py_ssize_t n = PyTuple_GET_SIZE(args);
+    if (n > MH_MAX_ARGS) {
+        PyErr_Format(PyExc_TypeError, "%U() takes at most %d arguments",
+                     f->name, MH_MAX_ARGS);
+        return NULL;
+    }
+    manhole_value argv[MH_MAX_ARGS];
+    memset(argv, 0, sizeof argv);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *a = PyTuple_GET_ITEM(args, i);
+        manhole_value *v = &argv[i];
+        if (a == Py_None) {
+            v->type = MANHOLE_NONE;
+        } else if (PyBool_Check(a)) {
+            v->type = MANHOLE_BOOL;
+            v->i = a == Py_True;
+        } else if (PyLong_Check(a)) {
+            v->type = MANHOLE_LLONG;
+            v->i = PyLong_AsLongLong(a);
+            if (v->i == -1 && PyErr_Occurred())
+                return NULL;
+        } else if (PyFloat_Check(a)) {
+            v->type = MANHOLE_DOUBLE;
+            v->d = PyFloat_AS_DOUBLE(a);
+        } else if (PyUnicode_Check(a)) {
+            Py_ssize_t len;
+            v->type = MANHOLE_STRING;
+            v->s = PyUnicode_AsUTF8AndSize(a, &len);
+            if (!v->s)
+                return NULL;
+            v->len = (size_t)len;
+        } else if (PyBytes_Check(a)) {
+            v->type = MANHOLE_BYTES;
+            v->s = PyBytes_AS_STRING(a);
+            v->len = (size_t)PyBytes_GET_SIZE(a);
+        } else {
+            PyErr_Format(PyExc_TypeError,
+                         "%U(): argument %zd: cannot pass %.100s to C",
+                         f->name, i + 1, Py_TYPE(a)->tp_name);
+            return NULL;
+        }
+    }
+    hostcall hc;
+    memset(&hc, 0, sizeof hc);
+    hc.kind = HC_CALL;
+    hc.fn = f->fn;
+    hc.ud = f->ud;
+    hc.argc = (int)n;
+    hc.argv = argv;
+    if (hostcall_run(core->mh, &hc, f->flags & MANHOLE_ANY_THREAD) < 0)
+        return NULL;
+    PyObject *r = NULL;
+    if (hc.rc != 0) {
+        PyObject *exc = hc.rc == MANHOLE_RAISE_VALUE  ? PyExc_ValueError
+                        : hc.rc == MANHOLE_RAISE_TYPE ? PyExc_TypeError
+                        : hc.rc == MANHOLE_RAISE_KEY  ? PyExc_KeyError
+                                                      : PyExc_RuntimeError;
+        hc.err[sizeof hc.err - 1] = 0;
+        PyErr_SetString(exc, hc.err[0] ? hc.err : "error in C function");
+    } else {
+        switch (hc.ret.type) {
+        case MANHOLE_BOOL:
+            r = PyBool_FromLong(hc.ret.i != 0);
+            break;
+        case MANHOLE_INT:
+        case MANHOLE_LONG:
+        case MANHOLE_LLONG:
+            r = PyLong_FromLongLong(hc.ret.i);
+            break;
+        case MANHOLE_UINT:
+        case MANHOLE_ULONG:
+        case MANHOLE_ULLONG:
+        case MANHOLE_SIZE:
+            r = PyLong_FromUnsignedLongLong((unsigned long long)hc.ret.i);
+            break;
+        case MANHOLE_FLOAT:
+        case MANHOLE_DOUBLE:
+            r = PyFloat_FromDouble(hc.ret.d);
+            break;
+        case MANHOLE_STRING:
+            r = hc.ret_copy ? PyUnicode_DecodeUTF8(hc.ret_copy,
+                                                   (Py_ssize_t)hc.ret.len,
+                                                   "replace")
+                            : PyErr_NoMemory();
+            break;
+        case MANHOLE_BYTES:
+            r = hc.ret_copy ? PyBytes_FromStringAndSize(hc.ret_copy,
+                                                        (Py_ssize_t)hc.ret.len)
+                            : PyErr_NoMemory();
+            break;
+        default:
+            r = Py_None;
+            Py_INCREF(r);
+        }
+    }
+    free(hc.ret_copy);
+    return r;
+}
+
+static PyObject *cfunc_repr(PyObject *self)
+{
+    return PyUnicode_FromFormat("<C function %U>", ((CFuncObject *)self)->name);
+}
+
+static PyObject *cfunc_get_doc(PyObject *self, void *closure)
+{
+    MH_UNUSED(closure);
+    PyObject *d = ((CFuncObject *)self)->doc;
+    Py_INCREF(d);
+    return d;
+}
+
+static PyObject *cfunc_get_name(PyObject *self, void *closure)
+{
+    MH_UNUSED(closure);
+    PyObject *d = ((CFuncObject *)self)->name;
+    Py_INCREF(d);
+    return d;
+}
+
+static PyGetSetDef cfunc_getset[] = {
+    {"__doc__", cfunc_get_doc, NULL, NULL, NULL},
+    {"__name__", cfunc_get_name, NULL, NULL, NULL},
+    {NULL, NULL, NULL, NULL, NULL}};
+
+/* ---- Stream proxies and the display hook ----------------------------- */
+
+/* The client whose statement runs on this thread, or NULL. */
+static client *current_client(void)
+{
+    worker *w = tl_worker;
+    return w ? w->c : NULL;
+}
+
+static PyObject *proxy_write(PyObject *self, PyObject *arg)
+{
+    ProxyObject *p = (ProxyObject *)self;
+    client *c = current_client();
+    if (!c || p->kind == K_STDIN)
+        return PyObject_CallMethod(p->orig, "write", "O", arg);
+    if (!PyUnicode_Check(arg)) {
+        PyErr_Format(PyExc_TypeError, "write() argument must be str, not %.100s",
+                     Py_TYPE(arg)->tp_name);
+        return NULL;
+    }
+    Py_ssize_t n;
+    const char *s = PyUnicode_AsUTF8AndSize(arg, &n);
+    PyObject *tmp = NULL;
+    if (!s) { /* lone surrogates: show them escaped, never fail */
+        PyErr_Clear();
+        tmp = PyUnicode_AsEncodedString(arg, "utf-8", "backslashreplace");
+        if (!tmp)
+            return NULL;
+        s = PyBytes_AS_STRING(tmp);
+        n = PyBytes_GET_SIZE(tmp);
+    }
+    client_output(tl_worker, c, s, (size_t)n);
+    Py_XDECREF(tmp);
+    return PyLong_FromSsize_t(PyUnicode_GET_LENGTH(arg));
+}
+
+static PyObject *proxy_writelines(PyObject *self, PyObject *lines)
+{
+    PyObject *it = PyObject_GetIter(lines);
+    if (!it)
+        return NULL;
+    PyObject *line;
+    while ((line = PyIter_Next(it))) {
+        PyObject *r = proxy_write(self, line);
+        Py_DECREF(line);
+        if (!r) {
+            Py_DECREF(it);
+            return NULL;
+        }
+        Py_DECREF(r);
+    }
+    Py_DECREF(it);
+    if (PyErr_Occurred())
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+/* Read one line of the client's input (for input(), pdb, ...). Waits for
+ * the client in threaded mode; in non-threaded mode only input already
+ * received is available. Returns "" at end of input. */
+static PyObject *stdin_readline(worker *w, client *c)
+{
+    manhole *mh = c->mh;
+    buf line = {0};
+    PyThreadState *ts = PyEval_SaveThread();
+    pthread_mutex_lock(&mh->lock);
+    for (;;) {
+        if (c->dead || w->timed_out || w->want_int || mh->stopping || c->exiting)
+            break;
+        if (buf_used(&c->inq) >= 5) {
+            unsigned char kind = (unsigned char)c->inq.p[c->inq.head];
+            uint32_t len;
+            memcpy(&len, c->inq.p + c->inq.head + 1, 4);
+            if (kind == REC_EOF)
+                break; /* leave it for the session */
+            const char *data = c->inq.p + c->inq.head + 5;
+            int ok = kind == REC_LINE && buf_add(&line, data, len) == 0 &&
+                     buf_add(&line, "\n", 1) == 0;
+            c->inq.head += 5 + len;
+            if (c->in_paused)
+                mark_dirty_locked(c);
+            if (ok)
+                break;
+            continue;
+        }
+        if (w->is_host)
+            break;
+        c->in_waiters++;
+        pthread_cond_wait(&c->cv, &mh->lock);
+        c->in_waiters--;
+    }
+    pthread_mutex_unlock(&mh->lock);
+    PyEval_RestoreThread(ts);
+    PyObject *r = PyUnicode_DecodeUTF8(line.p ? line.p : "",
+                                       (Py_ssize_t)line.len, "replace");
+    buf_free(&line);
+    return r;
+}
+
+static PyObject *proxy_readline(PyObject *self, PyObject *args)
+{
+    ProxyObject *p = (ProxyObject *)self;
+    client *c = current_client();
+    if (!c)
+        return PyObject_CallMethod(p->orig, "readline", "O", args ? args : Py_None);
+    return stdin_readline(tl_worker, c);
+}
+
+static PyObject *proxy_readline_m(PyObject *self, PyObject *args)
+{
+    ProxyObject *p = (ProxyObject *)self;
+    if (!current_client()) {
+        PyObject *m = PyObject_GetAttrString(p->orig, "readline");
+        if (!m)
+            return NULL;
+        PyObject *r = PyObject_Call(m, args, NULL);
+        Py_DECREF(m);
+        return r;
+    }
+    return proxy_readline(self, NULL);
+}
+
+static PyObject *proxy_forward(PyObject *self, const char *name, PyObject *args)
+{
+    PyObject *m = PyObject_GetAttrString(((ProxyObject *)self)->orig, name);
+    if (!m)
+        return NULL;
+    PyObject *r = PyObject_Call(m, args, NULL);
+    Py_DECREF(m);
+    return r;
+}
+
+static PyObject *proxy_flush(PyObject *self, PyObject *args)
+{
+    if (current_client())
+        Py_RETURN_NONE;
+    return proxy_forward(self, "flush", args);
+}
+
+static PyObject *proxy_close(PyObject *self, PyObject *args)
+{
+    if (current_client()) /* exit() closes sys.stdin: not ours to close */
+        Py_RETURN_NONE;
+    return proxy_forward(self, "close", args);
+}
+
+static PyObject *proxy_isatty(PyObject *self, PyObject *args)
+{
+    if (current_client())
+        Py_RETURN_FALSE;
+    return proxy_forward(self, "isatty", args);
+}
+
+static PyObject *proxy_fileno(PyObject *self, PyObject *args)
+{
+    if (current_client()) {
+        PyObject *io = PyImport_ImportModule("io");
+        if (io) {
+            PyObject *exc = PyObject_GetAttrString(io, "UnsupportedOperation");
+            if (exc) {
+                PyErr_SetString(exc, "a manhole stream has no file descriptor");
+                Py_DECREF(exc);
+            }
+            Py_DECREF(io);
+        }
+        return NULL;
+    }
+    return proxy_forward(self, "fileno", args);
+}
+
+static PyObject *proxy_readable(PyObject *self, PyObject *args)
+{
+    if (current_client())
+        return PyBool_FromLong(((ProxyObject *)self)->kind == K_STDIN);
+    return proxy_forward(self, "readable", args);
+}
+
+static PyObject *proxy_writable(PyObject *self, PyObject *args)
+{
+    if (current_client())
+        return PyBool_FromLong(((ProxyObject *)self)->kind != K_STDIN);
+    return proxy_forward(self, "writable", args);
+}
+
+static PyObject *proxy_get_encoding(PyObject *self, void *closure)
+{
+    MH_UNUSED(closure);
+    if (current_client())
+        return PyUnicode_FromString("utf-8");
+    return PyObject_GetAttrString(((ProxyObject *)self)->orig, "encoding");
+}
+
+static PyObject *proxy_get_errors(PyObject *self, void *closure)
+{
+    MH_UNUSED(closure);
+    if (current_client())
+        return PyUnicode_FromString("backslashreplace");
+    return PyObject_GetAttrString(((ProxyObject *)self)->orig, "errors");
+}
+
+static PyObject *proxy_get_closed(PyObject *self, void *closure)
+{
+    MH_UNUSED(closure);
+    if (current_client())
+        Py_RETURN_FALSE;
+    return PyObject_GetAttrString(((ProxyObject *)self)->orig, "closed");
+}
+
+/* Anything else (buffer, name, mode, ...) comes from the original. */
+static PyObject *proxy_getattro(PyObject *self, PyObject *name)
+{
+    PyObject *r = PyObject_GenericGetAttr(self, name);
+    if (r || !PyErr_ExceptionMatches(PyExc_AttributeError))
+        return r;
+    PyErr_Clear();
+    return PyObject_GetAttr(((ProxyObject *)self)->orig, name);
+}
+
+static PyMethodDef proxy_methods[] = {
+    {"write", proxy_write, METH_O, NULL},
+    {"writelines", proxy_writelines, METH_O, NULL},
+    {"readline", proxy_readline_m, METH_VARARGS, NULL},
+    {"read", proxy_readline_m, METH_VARARGS, NULL},
+    {"flush", proxy_flush, METH_VARARGS, NULL},
+    {"close", proxy_close, METH_VARARGS, NULL},
+    {"isatty", proxy_isatty, METH_VARARGS, NULL},
+    {"fileno", proxy_fileno, METH_VARARGS, NULL},
+    {"readable", proxy_readable, METH_VARARGS, NULL},
+    {"writable", proxy_writable, METH_VARARGS, NULL},
+    {NULL, NULL, 0, NULL}};
+
+static PyGetSetDef proxy_getset[] = {
+    {"encoding", proxy_get_encoding, NULL, NULL, NULL},
+    {"errors", proxy_get_errors, NULL, NULL, NULL},
+    {"closed", proxy_get_closed, NULL, NULL, NULL},
+    {NULL, NULL, NULL, NULL, NULL}};
+
+/* sys.displayhook for manhole threads: the interactive interpreter's,
+ * except that `_` goes into the statement's namespace, not builtins. */
+static PyObject *displayhook(PyObject *orig, PyObject *obj)
+{
+    if (!current_client())
+        return PyObject_CallFunctionObjArgs(orig, obj, NULL);
+    if (obj == Py_None)
+        Py_RETURN_NONE;
+    PyObject *globals = PyEval_GetGlobals();
+    if (globals && PyDict_SetItemString(globals, "_", Py_None) < 0)
+        return NULL;
+    PyObject *out = PySys_GetObject("stdout");
+    if (!out || out == Py_None) {
+        PyErr_SetString(PyExc_RuntimeError, "lost sys.stdout");
+        return NULL;
+    }
+    if (PyFile_WriteObject(obj, out, 0) < 0 || PyFile_WriteString("\n", out) < 0)
+        return NULL;
+    if (globals && PyDict_SetItemString(globals, "_", obj) < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef displayhook_def = {"displayhook", displayhook, METH_O, NULL};
+
+/* ---- The support module ---------------------------------------------- */
+
+static PyType_Slot core_slots[] = {{Py_tp_dealloc, MH_FN(core_dealloc)}, {0, NULL}};
+static PyType_Spec core_spec = {"_manhole.Core", sizeof(CoreObject), 0,
+                                Py_TPFLAGS_DEFAULT, core_slots};
+static PyType_Slot binding_slots[] = {{Py_tp_dealloc, MH_FN(simple_dealloc)}, {0, NULL}};
+static PyType_Spec binding_spec = {"_manhole.Binding", sizeof(BindingObject), 0,
+                                   Py_TPFLAGS_DEFAULT, binding_slots};
+static PyType_Slot ns_slots[] = {
+    {Py_tp_dealloc, MH_FN(ns_dealloc)},
+    {Py_tp_traverse, MH_FN(ns_traverse)},
+    {Py_tp_clear, MH_FN(ns_clear)},
+    {Py_mp_subscript, MH_FN(ns_subscript)},
+    {Py_mp_ass_subscript, MH_FN(ns_ass_subscript)},
+    {Py_tp_doc, (void *)"A manhole namespace: a dict whose names bound to C "
+                        "variables read their live value."},
+    {0, NULL}};
+static PyType_Spec ns_spec = {"_manhole.Namespace", sizeof(NsObject), 0,
+                              Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC, ns_slots};
+static PyType_Slot cfunc_slots[] = {{Py_tp_dealloc, MH_FN(cfunc_dealloc)},
+                                    {Py_tp_call, MH_FN(cfunc_call)},
+                                    {Py_tp_repr, MH_FN(cfunc_repr)},
+                                    {Py_tp_getset, cfunc_getset},
+                                    {0, NULL}};
+static PyType_Spec cfunc_spec = {"_manhole.CFunction", sizeof(CFuncObject), 0,
+                                 Py_TPFLAGS_DEFAULT, cfunc_slots};
+static PyType_Slot proxy_slots[] = {{Py_tp_dealloc, MH_FN(proxy_dealloc)},
+                                    {Py_tp_methods, proxy_methods},
+                                    {Py_tp_getset, proxy_getset},
+                                    {Py_tp_getattro, MH_FN(proxy_getattro)},
+                                    {0, NULL}};
+static PyType_Spec proxy_spec = {"_manhole.StreamProxy", sizeof(ProxyObject), 0,
+                                 Py_TPFLAGS_DEFAULT, proxy_slots};
+
+static int mod_add_type(PyObject *mod, const char *name, PyType_Spec *spec,
+                        PyObject *base)
+{
+    PyObject *t = base ? PyType_FromSpecWithBases(spec, base)
+                       : PyType_FromSpec(spec);
+    if (!t)
+        return -1;
+    int r = PyModule_AddObject(mod, name, t);
+    if (r < 0)
+        Py_DECREF(t);
+    return r;
+}
+
+static PyObject *make_proxy(PyObject *mod, const char *sysname, int kind)
+{
+    PyObject *type = PyObject_GetAttrString(mod, "StreamProxy");
+    if (!type)
+        return NULL;
+    PyObject *p = new_of(type);
+    Py_DECREF(type);
+    if (!p)
+        return NULL;
+    PyObject *orig = PySys_GetObject(sysname);
+    ((ProxyObject *)p)->orig = orig ? orig : Py_None;
+    Py_INCREF(((ProxyObject *)p)->orig);
+    ((ProxyObject *)p)->kind = kind;
+    return p;
+}
+
+static const char *const proxied[] = {"stdout", "stderr", "stdin"};
+
+/* Find or create the support module; the first user installs the stream
+ * proxies and the display hook. GIL held. Returns a borrowed reference. */
+static PyObject *support_acquire(int python_started_here, PyThreadState *ts)
+{
+    PyObject *modules = PyImport_GetModuleDict();
+    PyObject *mod = PyDict_GetItemString(modules, "_manhole");
+    if (!mod) {
+        mod = PyModule_New("_manhole");
+        if (!mod)
+            return NULL;
+        if (PyDict_SetItemString(modules, "_manhole", mod) < 0) {
+            Py_DECREF(mod);
+            return NULL;
+        }
+        Py_DECREF(mod); /* sys.modules holds it */
+        if (mod_add_type(mod, "Core", &core_spec, NULL) < 0 ||
+            mod_add_type(mod, "Binding", &binding_spec, NULL) < 0 ||
+            mod_add_type(mod, "Namespace", &ns_spec, (PyObject *)&PyDict_Type) < 0 ||
+            mod_add_type(mod, "CFunction", &cfunc_spec, NULL) < 0 ||
+            mod_add_type(mod, "StreamProxy", &proxy_spec, NULL) < 0 ||
+            PyModule_AddIntConstant(mod, "users", 0) < 0 ||
+            PyModule_AddIntConstant(mod, "owned", python_started_here) < 0 ||
+            PyModule_AddObject(mod, "main_ts",
+                               PyCapsule_New(ts ? (void *)ts : (void *)mod,
+                                             "_manhole.main_ts", NULL)) < 0)
+            goto fail;
+    }
+    PyObject *u = PyObject_GetAttrString(mod, "users");
+    if (!u)
+        goto fail;
+    long users = PyLong_AsLong(u);
+    Py_DECREF(u);
+    if (users == 0) {
+        for (int k = 0; k < 3; k++) {
+            PyObject *p = make_proxy(mod, proxied[k], k);
+            if (!p)
+                goto fail;
+            PyModule_AddObject(mod, proxied[k], p); /* steals */
+            Py_INCREF(p);
+            PySys_SetObject(proxied[k], p);
+            Py_DECREF(p);
+        }
+        PyObject *orig = PySys_GetObject("displayhook");
+        PyObject *hook = PyCFunction_New(&displayhook_def, orig ? orig : Py_None);
+        if (!hook)
+            goto fail;
+        PySys_SetObject("displayhook", hook);
+        PyModule_AddObject(mod, "displayhook", hook);
+    }
+    PyObject *nu = PyLong_FromLong(users + 1);
+    if (!nu || PyObject_SetAttrString(mod, "users", nu) < 0) {
+        Py_XDECREF(nu);
+        goto fail;
+    }
+    Py_DECREF(nu);
+    return mod;
+fail:
+    return NULL;
+}
+
+/* Drop one user; the last one puts the original streams back. Returns
+ * 1 if the caller should finalize Python (last user, and a manhole
+ * started it), with *ts the thread state to finalize from. GIL held. */
+static int support_release(PyThreadState **ts)
+{
+    PyObject *modules = PyImport_GetModuleDict();
+    PyObject *mod = PyDict_GetItemString(modules, "_manhole");
+    if (!mod)
+        return 0;
+    Py_INCREF(mod);
+    int finalize = 0;
+    PyObject *u = PyObject_GetAttrString(mod, "users");
+    long users = u ? PyLong_AsLong(u) : 1;
+    Py_XDECREF(u);
+    PyErr_Clear();
+    users--;
+    PyObject *nu = PyLong_FromLong(users);
+    if (nu) {
+        PyObject_SetAttrString(mod, "users", nu);
+        Py_DECREF(nu);
+    }
+    if (users <= 0) {
+        for (int k = 0; k < 3; k++) {
+            PyObject *p = PyObject_GetAttrString(mod, proxied[k]);
+            if (p && PySys_GetObject(proxied[k]) == p)
+                PySys_SetObject(proxied[k], ((ProxyObject *)p)->orig);
+            Py_XDECREF(p);
+        }
+        PyObject *hook = PyObject_GetAttrString(mod, "displayhook");
+        if (hook && PySys_GetObject("displayhook") == hook)
+            PySys_SetObject("displayhook", PyCFunction_GET_SELF(hook));
+        Py_XDECREF(hook);
+        PyObject *owned = PyObject_GetAttrString(mod, "owned");
+        PyObject *cap = PyObject_GetAttrString(mod, "main_ts");
+        if (owned && PyObject_IsTrue(owned) == 1 && cap) {
+            finalize = 1;
+            *ts = PyCapsule_GetPointer(cap, "_manhole.main_ts");
+        }
+        Py_XDECREF(owned);
+        Py_XDECREF(cap);
+        PyErr_Clear();
+        for (int k = 0; k < 3; k++)
+            if (PyObject_HasAttrString(mod, proxied[k]))
+                PyObject_DelAttrString(mod, proxied[k]);
+        if (PyObject_HasAttrString(mod, "displayhook"))
+            PyObject_DelAttrString(mod, "displayhook");
+        PyErr_Clear();
+        if (!finalize)
+            PyDict_DelItemString(modules, "_manhole");
+        PyErr_Clear();
+    }
+    Py_DECREF(mod);
+    return finalize;
+}
+
+/* ---- The stacks() helper --------------------------------------------- */
+
+static const char stacks_src[] =
+    "def _make(_names):\n"
+    "    def stacks(file=None):\n"
+    "        \"\"\"Print the current Python stack of every thread, labelled\n"
+    "        by thread name.\"\"\"\n"
+    "        import sys, threading, traceback\n"
+    "        out = sys.stdout if file is None else file\n"
+    "        names = {t.ident: t.name for t in threading.enumerate()}\n"
+    "        names.update(_names())\n"
+    "        here = threading.get_ident()\n"
+    "        frames = sys._current_frames()\n"
+    "        for ident in sorted(frames, key=lambda i: (i != here, i)):\n"
+    "            name = names.get(ident, 'thread %d' % ident)\n"
+    "            note = ' (running stacks())' if ident == here else ''\n"
+    "            print('Thread %r (ident %d)%s:' % (name, ident, note), file=out)\n"
+    "            print(''.join(traceback.format_stack(frames[ident])), end='', file=out)\n"
+    "        print('%d threads with Python frames' % len(frames), file=out)\n"
+    "    return stacks\n";
+
+static PyObject *thread_names(PyObject *self, PyObject *noargs)
+{
+    MH_UNUSED(noargs);
+    manhole *mh = ((CoreObject *)self)->mh;
+    PyObject *d = PyDict_New();
+    if (!d || !mh)
+        return d;
+    pthread_mutex_lock(&mh->lock);
+    for (worker *w = mh->workers; w; w = w->next) {
+        char name[64];
+        if (w->c)
+            snprintf(name, sizeof name, "manhole worker %d (client #%u)",
+                     w->index, w->c->id);
+        else
+            snprintf(name, sizeof name, "manhole worker %d", w->index);
+        PyObject *k = PyLong_FromUnsignedLong(w->py_tid);
+        PyObject *v = PyUnicode_FromString(name);
+        if (k && v && w->py_tid)
+            PyDict_SetItem(d, k, v);
+        Py_XDECREF(k);
+        Py_XDECREF(v);
+    }
+    if (mh->hostw.py_tid) {
+        PyObject *k = PyLong_FromUnsignedLong(mh->hostw.py_tid);
+        PyObject *v = PyUnicode_FromString("manhole host thread");
+        if (k && v)
+            PyDict_SetItem(d, k, v);
+        Py_XDECREF(k);
+        Py_XDECREF(v);
+    }
+    pthread_mutex_unlock(&mh->lock);
+    PyErr_Clear();
+    return d;
+}
+
+static PyMethodDef thread_names_def = {"_thread_names", thread_names,
+                                       METH_NOARGS, NULL};
+
+static PyObject *make_stacks(PyObject *core)
+{
+    PyObject *g = PyDict_New();
+    if (!g)
+        return NULL;
+    PyObject *r = NULL, *names = NULL, *stacks = NULL;
+    PyDict_SetItemString(g, "__builtins__", PyEval_GetBuiltins());
+    r = PyRun_String(stacks_src, Py_file_input, g, g);
+    if (!r)
+        goto out;
+    names = PyCFunction_New(&thread_names_def, core);
+    PyObject *make = PyDict_GetItemString(g, "_make");
+    if (names && make)
+        stacks = PyObject_CallFunctionObjArgs(make, names, NULL);
+out:
+    Py_XDECREF(r);
+    Py_XDECREF(names);
+    Py_DECREF(g);
+    return stacks;
+}
+
+/* ---- Sessions --------------------------------------------------------- */
+
+static PyObject *ns_new(manhole *mh)
+{
+    PyObject *ns = PyObject_CallObject(mh->ns_type, NULL);
+    if (!ns)
+        return NULL;
+    Py_INCREF(mh->core);
+    ((NsObject *)ns)->core = mh->core;
+    return ns;
+}
+
+/* Give a client its namespace and compiler, at its first statement. */
+static int session_open(client *c)
+{
+    manhole *mh = c->mh;
+    if (mh->cfg.shared_namespace) {
+        c->ns = mh->ns;
+        Py_INCREF(c->ns);
+    } else {
+        c->ns = ns_new(mh);
+        if (!c->ns || PyDict_Update(c->ns, mh->ns) < 0)
+            goto fail;
+    }
+    c->compiler = PyObject_CallObject(mh->compiler_cls, NULL);
+    if (!c->compiler)
+        goto fail;
+    pthread_mutex_lock(&mh->lock);
+    c->has_session = 1;
+    pthread_mutex_unlock(&mh->lock);
+    return 0;
+fail:
+    Py_CLEAR(c->ns);
+    Py_CLEAR(c->compiler);
+    return -1;
+}
+
+/* GIL held. */
+static void session_close(client *c)
+{
+    Py_CLEAR(c->ns);
+    Py_CLEAR(c->compiler);
+    buf_free(&c->src);
+    pthread_mutex_lock(&c->mh->lock);
+    c->has_session = 0;
+    pthread_mutex_unlock(&c->mh->lock);
+}
+
+/* The prompt as the interactive interpreter would print it: str(sys.ps1)
+ * or str(sys.ps2) when set, else ">>> " / "... ". The text is remembered
+ * so the host and the watchdog can show it without the GIL. */
+static void write_prompt(worker *w, client *c, int more)
+{
+    manhole *mh = c->mh;
+    const char *name = more ? "ps2" : "ps1";
+    const char *s = more ? "... " : ">>> ";
+    Py_ssize_t n = 4;
+    PyObject *str = NULL;
+    PyObject *p = PySys_GetObject(name);
+    if (p) {
+        str = PyObject_Str(p);
+        const char *t = str ? PyUnicode_AsUTF8AndSize(str, &n) : NULL;
+        if (t)
+            s = t;
+        else {
+            PyErr_Clear();
+            n = 4;
+        }
+    }
+    char *cache = more ? mh->ps2 : mh->ps1;
+    size_t cn = MH_MIN((size_t)n, sizeof mh->ps1 - 1);
+    pthread_mutex_lock(&mh->lock);
+    if (strncmp(cache, s, cn) != 0 || cache[cn] != 0) {
+        memcpy(cache, s, cn);
+        cache[cn] = 0;
+    }
+    pthread_mutex_unlock(&mh->lock);
+    client_output(w, c, s, (size_t)n);
+    Py_XDECREF(str);
+}
+
+/* Print the pending exception as the interactive interpreter does, through
+ * sys.excepthook, to the client's stderr. A syntax error is shown without
+ * the compiler's frames, as Python shows it. GIL held. */
+static void show_exception(int syntax)
+{
+    PyObject *t, *v, *tb;
+    PyErr_Fetch(&t, &v, &tb);
+    if (!t)
+        return;
+    PyErr_NormalizeException(&t, &v, &tb);
+    if (!v) {
+        v = Py_None;
+        Py_INCREF(v);
+    }
+    if (syntax) {
+        Py_CLEAR(tb);
+        if (PyExceptionInstance_Check(v)) {
+            PyException_SetTraceback(v, Py_None);
+            PyException_SetContext(v, NULL);
+            PyException_SetCause(v, NULL);
+        }
+    } else if (tb && PyExceptionInstance_Check(v)) {
+        PyException_SetTraceback(v, tb);
+    }
+    PyObject *tbo = tb ? tb : Py_None;
+    PySys_SetObject("last_type", t);
+    PySys_SetObject("last_value", v);
+    PySys_SetObject("last_traceback", tbo);
+#if PY_VERSION_HEX >= 0x030C0000
+    PySys_SetObject("last_exc", v);
+#endif
+    PyObject *hook = PySys_GetObject("excepthook");
+    PyObject *r = hook ? PyObject_CallFunctionObjArgs(hook, t, v, tbo, NULL) : NULL;
+    if (!r) {
+        /* The hook failed: show its error, then the original, plainly. */
+        if (PyErr_Occurred()) {
+            PyObject *t2, *v2, *tb2;
+            PyErr_Fetch(&t2, &v2, &tb2);
+            PyErr_NormalizeException(&t2, &v2, &tb2);
+            PyObject *err = PySys_GetObject("stderr");
+            if (err)
+                PyFile_WriteString("Error in sys.excepthook:\n", err);
+            PyErr_Display(t2, v2, tb2);
+            if (err)
+                PyFile_WriteString("\nOriginal exception was:\n", err);
+            Py_XDECREF(t2);
+            Py_XDECREF(v2);
+            Py_XDECREF(tb2);
+        }
+        PyErr_Display(t, v, tbo);
+    }
+    Py_XDECREF(r);
+    Py_XDECREF(t);
+    Py_XDECREF(v);
+    Py_XDECREF(tb);
+    PyErr_Clear();
+}
+
+static void timeout_report(worker *w, client *c)
+{
+    char msg[160];
+    snprintf(msg, sizeof msg,
+             "TimeoutError: statement timed out after %g seconds; "
+             "KeyboardInterrupt sent to it\n",
+             c->mh->cfg.timeout);
+    client_output(w, c, msg, strlen(msg));
+}
+
+/* sys.exit() in a client: note the status, end the session. GIL held. */
+static void handle_exit(worker *w, client *c)
+{
+    manhole *mh = c->mh;
+    PyObject *t, *v, *tb;
+    PyErr_Fetch(&t, &v, &tb);
+    PyErr_NormalizeException(&t, &v, &tb);
+    int status = 0;
+    PyObject *code = v ? PyObject_GetAttrString(v, "code") : NULL;
+    PyErr_Clear();
+    if (code && code != Py_None) {
+        if (PyLong_Check(code)) {
+            long l = PyLong_AsLong(code);
+            if (l == -1 && PyErr_Occurred()) {
+                PyErr_Clear();
+                l = -1;
+            }
+            status = (int)l;
+        } else {
+            /* As Python does: print the argument, exit with status 1. */
+            PyObject *s = PyObject_Str(code);
+            const char *txt = s ? PyUnicode_AsUTF8(s) : NULL;
+            if (txt) {
+                client_output(w, c, txt, strlen(txt));
+                client_output(w, c, "\n", 1);
+            }
+            PyErr_Clear();
+            Py_XDECREF(s);
+            status = 1;
+        }
+    }
+    Py_XDECREF(code);
+    Py_XDECREF(t);
+    Py_XDECREF(v);
+    Py_XDECREF(tb);
+    pthread_mutex_lock(&mh->lock);
+    c->exiting = 1;
+    c->exit_status = status;
+    buf_clear(&c->inq);
+    mark_dirty_locked(c);
+    LOG_LOCKED(mh, MANHOLE_LOG_INFO, "client #%u called sys.exit(%d)", c->id,
+               status);
+    pthread_mutex_unlock(&mh->lock);
+}
+
+static void watchdog_ensure_locked(manhole *mh);
+
+/* Mark the start and end of a running statement; the watchdog watches
+ * the deadline in between. */
+static int stmt_begin(worker *w, client *c)
+{
+    manhole *mh = c->mh;
+    pthread_mutex_lock(&mh->lock);
+    if (c->dead || mh->stopping) { /* nobody is waiting for it */
+        pthread_mutex_unlock(&mh->lock);
+        return -1;
+    }
+    w->c = c;
+    w->running = 1;
+    w->timed_out = 0;
+    w->want_int = 0;
+    w->int_sent = 0;
+    w->deadline = mh->cfg.timeout > 0 ? now_mono() + mh->cfg.timeout : 0;
+    if (w->deadline > 0) {
+        watchdog_ensure_locked(mh);
+        pthread_cond_signal(&mh->wd_cv);
+    }
+    pthread_mutex_unlock(&mh->lock);
+    return 0;
+}
+
+/* Returns 1 if the statement timed out. GIL held. */
+static int stmt_end(worker *w)
+{
+    manhole *mh = w->mh;
+    pthread_mutex_lock(&mh->lock);
+    w->running = 0;
+    w->deadline = 0;
+    int sent = w->int_sent;
+    int timed_out = w->timed_out;
+    if (w->is_host) /* it stays set on abandoned workers only */
+        w->timed_out = 0;
+    pthread_mutex_unlock(&mh->lock);
+    if (sent) /* an interrupt that came too late must not leak out */
+        PyThreadState_SetAsyncExc(w->py_tid, NULL);
+    return timed_out;
+}
+
+enum { RUN_OK, RUN_ABANDONED, RUN_EXIT };
+
+static int run_code(worker *w, client *c, PyObject *code)
+{
+    PyObject *ns = c->ns;
+    if (stmt_begin(w, c) < 0)
+        return RUN_OK;
+    Py_INCREF(ns);
+    PyObject *r = PyEval_EvalCode(code, ns, ns);
+    int timed_out = stmt_end(w);
+    Py_DECREF(ns);
+    if (timed_out && !w->is_host) {
+        /* The watchdog already answered the client; whatever this
+         * statement did after that is nobody's business. */
+        Py_XDECREF(r);
+        PyErr_Clear();
+        return RUN_ABANDONED;
+    }
+    if (r) {
+        Py_DECREF(r);
+        return RUN_OK;
+    }
+    pthread_mutex_lock(&c->mh->lock);
+    int gone = c->dead;
+    pthread_mutex_unlock(&c->mh->lock);
+    if (timed_out || gone) {
+        PyErr_Clear();
+        if (!gone)
+            timeout_report(w, c);
+        return RUN_OK;
+    }
+    if (PyErr_ExceptionMatches(PyExc_SystemExit)) {
+        handle_exit(w, c);
+        return RUN_EXIT;
+    }
+    show_exception(0);
+    return RUN_OK;
+}
+
+/* One input line, as code.InteractiveConsole.push() handles it. */
+static int session_line(worker *w, client *c, const char *line, size_t len,
+                        int prompt)
+{
+    if (!c->ns && session_open(c) < 0) {
+        show_exception(0);
+        client_output_str(w, c, "manhole: cannot start a Python session\n");
+        if (prompt)
+            write_prompt(w, c, 0);
+        return RUN_OK;
+    }
+    if (buf_used(&c->src) > 0)
+        buf_add(&c->src, "\n", 1);
+    buf_add(&c->src, line, len);
+    PyObject *src = PyUnicode_DecodeUTF8(c->src.p + c->src.head,
+                                         (Py_ssize_t)buf_used(&c->src),
+                                         "surrogateescape");
+    PyObject *code = src ? PyObject_CallFunction(c->compiler, "Oss", src,
+                                                 "<stdin>", "single")
+                         : NULL;
+    Py_XDECREF(src);
+    int more = 0, rc = RUN_OK;
+    if (!code) {
+        buf_clear(&c->src);
+        show_exception(1);
+    } else if (code == Py_None) {
+        more = 1;
+    } else {
+        buf_clear(&c->src);
+        rc = run_code(w, c, code);
+    }
+    Py_XDECREF(code);
+    if (prompt && rc == RUN_OK)
+        write_prompt(w, c, more);
+    return rc;
+}
+
+/* Handle one input record. Returns RUN_*. GIL held. */
+static int session_record(worker *w, client *c, int kind, const char *data,
+                          size_t len)
+{
+    if (kind == REC_ERROR) {
+        buf_clear(&c->src); /* a damaged block is not worth finishing */
+        client_output(w, c, data, len);
+        client_output(w, c, "\n", 1);
+        write_prompt(w, c, 0);
+        return RUN_OK;
+    }
+    if (kind == REC_EOF) {
+        int rc = RUN_OK;
+        if (buf_used(&c->src) > 0) /* as if an empty line had followed */
+            rc = session_line(w, c, "", 0, 0);
+        if (rc == RUN_OK) {
+            pthread_mutex_lock(&c->mh->lock);
+            c->eof_done = 1;
+            mark_dirty_locked(c);
+            pthread_mutex_unlock(&c->mh->lock);
+        }
+        return rc;
+    }
+    return session_line(w, c, data, len, 1);
+}
+
+/* ==================================================================== */
+/* Workers and the watchdog                                             */
+/* ==================================================================== */
+
+static void worker_spawn_locked(manhole *mh);
+
+/* Queue c for a worker (the job holds a reference). Lock held. */
+static void enqueue_locked(client *c)
+{
+    manhole *mh = c->mh;
+    c->busy = 1;
+    c->queued = 1;
+    c->refs++;
+    c->jnext = NULL;
+    if (mh->jq_tail)
+        mh->jq_tail->jnext = c;
+    else
+        mh->jq_head = c;
+    mh->jq_tail = c;
+    if (mh->cfg.threaded) {
+        if (mh->nidle > 0)
+            pthread_cond_signal(&mh->work_cv);
+        else
+            worker_spawn_locked(mh);
+    }
+}
+
+static client *dequeue_locked(manhole *mh)
+{
+    client *c = mh->jq_head;
+    if (c) {
+        mh->jq_head = c->jnext;
+        if (!mh->jq_head)
+            mh->jq_tail = NULL;
+        c->jnext = NULL;
+        c->queued = 0;
+    }
+    return c;
+}
+
+/* Pop the next input record into w->rec. Lock held. */
+static int pop_record_locked(worker *w, client *c, int *kind)
+{
+    if (buf_used(&c->inq) < 5)
+        return 0;
+    const char *h = c->inq.p + c->inq.head;
+    uint32_t len;
+    memcpy(&len, h + 1, 4);
+    *kind = (unsigned char)h[0];
+    buf_clear(&w->rec);
+    if (buf_add(&w->rec, h + 5, len) < 0)
+        return 0;
+    c->inq.head += 5 + (size_t)len;
+    if (c->in_paused && buf_used(&c->inq) <= c->mh->cfg.max_input / 2)
+        mark_dirty_locked(c); /* the host may read again */
+    return 1;
+}
+
+/* Run a client's queued input: one statement at a time, handing the
+ * client back to the queue when others are waiting. GIL held. The job's
+ * reference to c is dropped here. */
+static void process_job(worker *w, client *c)
+{
+    manhole *mh = c->mh;
+    pthread_mutex_lock(&mh->lock);
+    c->runner = w;
+    w->c = c;
+    int requeue = 0;
+    while (!c->dead && !c->exiting && !mh->stopping) {
+        int kind;
+        if (!pop_record_locked(w, c, &kind))
+            break;
+        pthread_mutex_unlock(&mh->lock);
+        int rc = session_record(w, c, kind, w->rec.p ? w->rec.p : "",
+                                w->rec.len);
+        buf_shrink_if_empty(&w->rec);
+        pthread_mutex_lock(&mh->lock);
+        if (rc == RUN_ABANDONED) {
+            /* The watchdog gave the client to somebody else. */
+            LOG_LOCKED(mh, MANHOLE_LOG_INFO,
+                       "client #%u: timed-out statement ended", c->id);
+            w->c = NULL;
+            if (c->refs == 1 && c->has_session) {
+                pthread_mutex_unlock(&mh->lock);
+                session_close(c);
+                pthread_mutex_lock(&mh->lock);
+            }
+            client_unref_locked(c);
+            pthread_mutex_unlock(&mh->lock);
+            return;
+        }
+        if (mh->jq_head && buf_used(&c->inq) >= 5) {
+            requeue = 1; /* let the others have a turn */
+            break;
+        }
+    }
+    c->runner = NULL;
+    w->c = NULL;
+    int teardown = c->dead && c->has_session;
+    if (c->exiting)
+        buf_clear(&c->inq);
+    if (requeue && !c->dead && !c->exiting && !mh->stopping) {
+        c->refs--; /* the new queue entry takes its own */
+        enqueue_locked(c);
+        pthread_mutex_unlock(&mh->lock);
+        return;
+    }
+    c->busy = 0;
+    if (!c->dead)
+        mark_dirty_locked(c); /* let the host flush and look at it */
+    pthread_mutex_unlock(&mh->lock);
+    if (teardown)
+        session_close(c);
+    pthread_mutex_lock(&mh->lock);
+    client_unref_locked(c);
+    pthread_mutex_unlock(&mh->lock);
+}
+
+static void block_signals(void)
+{
+    sigset_t all;
+    sigfillset(&all);
+    pthread_sigmask(SIG_BLOCK, &all, NULL);
+}
+
+#define WORKER_IDLE_SECONDS 30.0
+
+static void *worker_main(void *arg)
+{
+    worker *w = arg;
+    manhole *mh = w->mh;
+    block_signals();
+    PyGILState_STATE g = PyGILState_Ensure();
+    w->py_tid = PyThread_get_thread_ident();
+    PyThreadState *ts = PyEval_SaveThread();
+    tl_worker = w;
+    pthread_mutex_lock(&mh->lock);
+    for (;;) {
+        if (mh->stopping)
+            break;
+        client *c = dequeue_locked(mh);
+        if (!c) {
+            mh->nidle++;
+            struct timespec until = abs_realtime(WORKER_IDLE_SECONDS);
+            int r = pthread_cond_timedwait(&mh->work_cv, &mh->lock, &until);
+            mh->nidle--;
+            if (r == ETIMEDOUT && !mh->jq_head && mh->nworkers > 1)
+                break; /* keep one warm worker, let the rest go */
+            continue;
+        }
+        pthread_mutex_unlock(&mh->lock);
+        PyEval_RestoreThread(ts);
+        process_job(w, c);
+        ts = PyEval_SaveThread();
+        pthread_mutex_lock(&mh->lock);
+        if (w->timed_out) {
+            /* We were abandoned and are back: rejoin the pool if there is
+             * room, else go. */
+            w->timed_out = 0;
+            if (mh->nworkers >= mh->cfg.max_workers)
+                goto gone;
+            mh->nworkers++;
+        }
+    }
+    mh->nworkers--;
+gone:
+    pthread_mutex_unlock(&mh->lock);
+    tl_worker = NULL;
+    PyEval_RestoreThread(ts);
+    PyGILState_Release(g);
+    pthread_mutex_lock(&mh->lock);
+    w->exited = 1;
+    mh->nthreads--;
+    mh->nreap++;
+    wake_host_locked(mh);
+    pthread_cond_broadcast(&mh->gone_cv);
+    pthread_mutex_unlock(&mh->lock);
+    return NULL;
+}
+
+#define MAX_THREADS_ABANDONED 64
+
+/* Start a worker if the pool may grow. Lock held. */
+static void worker_spawn_locked(manhole *mh)
+{
+    if (mh->stopping || mh->nworkers >= mh->cfg.max_workers ||
+        mh->nthreads >= mh->cfg.max_workers + MAX_THREADS_ABANDONED)
+        return;
+    worker *w = calloc(1, sizeof *w);
+    if (!w)
+        return;
+    w->mh = mh;
+    w->index = ++mh->worker_seq;
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_sigmask(SIG_BLOCK, &all, &old); /* the thread starts blocked */
+    int r = pthread_create(&w->thread, NULL, worker_main, w);
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    if (r != 0) {
+        LOG_LOCKED(mh, MANHOLE_LOG_ERROR, "cannot start a worker thread: %s",
+                   strerror(r));
+        free(w);
+        return;
+    }
+    w->next = mh->workers;
+    mh->workers = w;
+    mh->nworkers++;
+    mh->nthreads++;
+    watchdog_ensure_locked(mh);
+}
+
+/* Join workers that have exited (cheap; host thread). */
+static void workers_reap(manhole *mh)
+{
+    pthread_mutex_lock(&mh->lock);
+    if (!mh->nreap) {
+        pthread_mutex_unlock(&mh->lock);
+        return;
+    }
+    mh->nreap = 0;
+    worker **pp = &mh->workers;
+    while (*pp) {
+        worker *w = *pp;
+        if (w->exited) {
+            *pp = w->next;
+            pthread_join(w->thread, NULL);
+            buf_free(&w->rec);
+            free(w);
+        } else {
+            pp = &w->next;
+        }
+    }
+    pthread_mutex_unlock(&mh->lock);
+}
+
+/* The watchdog abandons a timed-out statement (threaded mode): the client
+ * gets the report and a prompt now, and its next line runs on another
+ * worker. Lock held. */
+static void abandon_locked(worker *w)
+{
+    manhole *mh = w->mh;
+    client *c = w->c;
+    w->timed_out = 1;
+    mh->nworkers--;
+    LOG_LOCKED(mh, MANHOLE_LOG_INFO,
+               "client #%u: statement timed out after %g s", c->id,
+               mh->cfg.timeout);
+    if (!c->dead) {
+        char msg[160];
+        int n = snprintf(msg, sizeof msg,
+                         "TimeoutError: statement timed out after %g seconds; "
+                         "KeyboardInterrupt sent to it\n%s",
+                         mh->cfg.timeout, mh->ps1);
+        buf_add(&c->out, msg, (size_t)MH_MIN(n, (int)sizeof msg - 1));
+        mark_dirty_locked(c);
+    }
+    c->runner = NULL;
+    c->busy = 0;
+    if (!c->dead && !c->exiting && buf_used(&c->inq) >= 5)
+        enqueue_locked(c);
+    pthread_cond_broadcast(&c->cv);
+    pthread_cond_broadcast(&mh->hc_cv);
+}
+
+/* Workers, then the host thread's pseudo-worker. Lock held. */
+static worker *next_worker(manhole *mh, worker *w)
+{
+    if (!w)
+        return mh->workers ? mh->workers : &mh->hostw;
+    if (w == &mh->hostw)
+        return NULL;
+    return w->next ? w->next : &mh->hostw;
+}
+
+static void *watchdog_main(void *arg)
+{
+    manhole *mh = arg;
+    block_signals();
+    pthread_mutex_lock(&mh->lock);
+    while (!mh->wd_stop) {
+        double now = now_mono(), next = 0;
+        int pending = 0;
+        for (worker *w = next_worker(mh, NULL); w; w = next_worker(mh, w)) {
+            if (!w->running)
+                continue;
+            if (w->deadline > 0 && !w->timed_out) {
+                if (now >= w->deadline) {
+                    if (w->is_host)
+                        w->timed_out = 1;
+                    else
+                        abandon_locked(w);
+                    w->want_int = 1;
+                } else if (next == 0 || w->deadline < next) {
+                    next = w->deadline;
+                }
+            }
+            if (w->want_int && !w->int_sent)
+                pending = 1;
+        }
+        if (pending) {
+            /* Deliver KeyboardInterrupt. The GIL is taken without the
+             * lock held; the state is checked again under both. */
+            pthread_mutex_unlock(&mh->lock);
+            PyGILState_STATE g = PyGILState_Ensure();
+            pthread_mutex_lock(&mh->lock);
+            for (worker *w = next_worker(mh, NULL); w; w = next_worker(mh, w)) {
+                if (w->running && w->want_int && !w->int_sent) {
+                    PyThreadState_SetAsyncExc(w->py_tid, PyExc_KeyboardInterrupt);
+                    w->int_sent = 1;
+                }
+            }
+            pthread_mutex_unlock(&mh->lock);
+            PyGILState_Release(g);
+            pthread_mutex_lock(&mh->lock);
+            continue;
+        }
+        if (next > 0) {
+            struct timespec until = abs_realtime(next - now + 0.0005);
+            pthread_cond_timedwait(&mh->wd_cv, &mh->lock, &until);
+        } else {
+            pthread_cond_wait(&mh->wd_cv, &mh->lock);
+        }
+    }
+    mh->wd_exited = 1;
+    pthread_cond_broadcast(&mh->gone_cv);
+    pthread_mutex_unlock(&mh->lock);
+    return NULL;
+}
+
+/* Start the watchdog if it is not running. Lock held. */
+static void watchdog_ensure_locked(manhole *mh)
+{
+    if (mh->wd_started || mh->stopping)
+        return;
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_sigmask(SIG_BLOCK, &all, &old);
+    int r = pthread_create(&mh->wd_thread, NULL, watchdog_main, mh);
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    if (r == 0)
+        mh->wd_started = 1;
+    else
+        LOG_LOCKED(mh, MANHOLE_LOG_ERROR, "cannot start the watchdog: %s",
+                   strerror(r));
+}
+
+/* Ask the watchdog to interrupt the statement a worker runs. Lock held. */
+static void request_interrupt_locked(worker *w)
+{
+    if (w && w->running && !w->want_int) {
+        w->want_int = 1;
+        watchdog_ensure_locked(w->mh);
+        pthread_cond_signal(&w->mh->wd_cv);
+        pthread_cond_broadcast(&w->mh->hc_cv);
+    }
+}
+
+/* ==================================================================== */
+/* The host side: accept, read, send                                    */
+/* ==================================================================== */
+
+static void client_interest(client *c)
+{
+    if (c->fd < 0)
+        return;
+    unsigned ev = 0;
+    if (!c->rd_eof && !c->rd_paused)
+        ev |= EV_IN;
+    if (buf_used(&c->tx) > 0)
+        ev |= EV_OUT;
+    if (ev != c->ev) {
+        c->ev = ev;
+        poller_mod(c->mh, c->fd, c, ev);
+    }
+}
+
+/* Close a client's connection (host thread). A statement still running
+ * for it is interrupted; its Python session is released by a worker. */
+static void client_close(client *c, const char *why)
+{
+    manhole *mh = c->mh;
+    if (c->fd < 0)
+        return;
+    poller_del(mh, c->fd);
+    close(c->fd);
+    c->fd = -1;
+    if (c->prev)
+        c->prev->next = c->next;
+    else
+        mh->clients = c->next;
+    if (c->next)
+        c->next->prev = c->prev;
+    c->next = c->prev = NULL;
+    mh->nclients--;
+    buf_free(&c->line);
+    buf_free(&c->tx);
+    pthread_mutex_lock(&mh->lock);
+    LOG_LOCKED(mh, MANHOLE_LOG_INFO, "client #%u closed (%s)", c->id, why);
+    c->dead = 1;
+    buf_free(&c->inq);
+    buf_free(&c->out);
+    pthread_cond_broadcast(&c->cv);
+    if (c->runner)
+        request_interrupt_locked(c->runner);
+    if (c->exiting) {
+        mh->exits_ready++;
+        mh->exit_status = c->exit_status;
+    }
+    if (c->has_session && !c->busy) {
+        /* The host's reference becomes a teardown job's. */
+        c->refs--;
+        enqueue_locked(c);
+    } else {
+        client_unref_locked(c);
+    }
+    pthread_mutex_unlock(&mh->lock);
+}
+
+/* Send what can be sent now. Returns 0 when all is sent, 1 when the
+ * socket is full, -1 when the client is gone. Host thread. */
+static int client_flush(client *c)
+{
+    manhole *mh = c->mh;
+    if (c->fd < 0)
+        return -1;
+    for (;;) {
+        if (buf_used(&c->tx) == 0) {
+            buf_clear(&c->tx);
+            pthread_mutex_lock(&mh->lock);
+            buf t = c->tx;
+            c->tx = c->out;
+            c->out = t;
+            c->tx_backlog = buf_used(&c->tx);
+            if (c->out_waiters)
+                pthread_cond_broadcast(&c->cv);
+            pthread_mutex_unlock(&mh->lock);
+            if (buf_used(&c->tx) == 0)
+                return 0;
+        }
+        ssize_t r = xsend(c->fd, c->tx.p + c->tx.head, buf_used(&c->tx));
+        if (r > 0) {
+            c->tx.head += (size_t)r;
+            continue;
+        }
+        if (r < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
+            return 1;
+        return -1;
+    }
+}
+
+/* Close the client once it has nothing left to do: after sys.exit(), or
+ * after end of input with every statement run and every byte sent. */
+static void client_maybe_finish(client *c)
+{
+    manhole *mh = c->mh;
+    if (c->fd < 0 || buf_used(&c->tx) > 0)
+        return;
+    pthread_mutex_lock(&mh->lock);
+    int idle = !c->busy && buf_used(&c->out) == 0;
+    int finish = idle && (c->exiting || (c->eof_done && buf_used(&c->inq) == 0));
+    int exiting = c->exiting;
+    if (idle && !finish) { /* let go of big buffers while idle */
+        buf_shrink_if_empty(&c->out);
+        buf_shrink_if_empty(&c->tx);
+    }
+    pthread_mutex_unlock(&mh->lock);
+    if (finish)
+        client_close(c, exiting ? "sys.exit()" : "end of input");
+}
+
+static void client_send_host(client *c)
+{
+    int r = client_flush(c);
+    if (r < 0) {
+        client_close(c, "connection lost");
+        return;
+    }
+    client_interest(c);
+    client_maybe_finish(c);
+}
+
+static void client_read(client *c)
+{
+    manhole *mh = c->mh;
+    unsigned char tmp[16384];
+    buf recs = {0};
+    int eof = 0, err = 0, drop = 0;
+    for (int k = 0; k < 16; k++) {
+        ssize_t r = recv(c->fd, tmp, sizeof tmp, 0);
+        if (r > 0) {
+            c->last_active = now_mono();
+            int fr = frame_bytes(c, tmp, (size_t)r, &recs);
+            if (fr < 0) {
+                drop = fr;
+                break;
+            }
+            if ((size_t)r < sizeof tmp || buf_used(&recs) > mh->cfg.max_input)
+                break;
+            continue;
+        }
+        if (r == 0) {
+            /* Half-close (shutdown of the client's sending side) or gone
+             * for good? A peer that closed entirely leaves the socket
+             * hung up (UNIX sockets; TCP cannot tell until we write). */
+            struct pollfd pf = {c->fd, 0, 0};
+            if (poll(&pf, 1, 0) > 0 && (pf.revents & POLLHUP)) {
+                buf_free(&recs);
+                client_close(c, "disconnected");
+                return;
+            }
+            eof = 1;
+            break;
+        }
+        if (errno == EINTR)
+            continue;
+        if (errno != EAGAIN && errno != EWOULDBLOCK)
+            err = errno;
+        break;
+    }
+    if (drop == -1) {
+        LOG(mh, MANHOLE_LOG_WARNING,
+            "client #%u (%s) dropped: its first line looks like HTTP", c->id,
+            c->peer);
+        buf_free(&recs);
+        client_close(c, "HTTP request");
+        return;
+    }
+    if (eof && !drop) {
+        if (c->line.len || c->discard)
+            drop = end_line(c, &recs);
+        if (drop == -1) {
+            buf_free(&recs);
+            client_close(c, "HTTP request");
+            return;
+        }
+        rec_add(&recs, REC_EOF, "", 0);
+        c->rd_eof = 1;
+    }
+    if (buf_used(&recs) > 0) {
+        pthread_mutex_lock(&mh->lock);
+        if (!c->dead && !c->exiting) {
+            if (buf_add(&c->inq, recs.p, recs.len) < 0)
+                drop = -2;
+            if (c->in_waiters)
+                pthread_cond_broadcast(&c->cv);
+            if (!c->busy)
+                enqueue_locked(c);
+            if (buf_used(&c->inq) > mh->cfg.max_input) {
+                c->in_paused = 1;
+                c->rd_paused = 1;
+            }
+        }
+        pthread_mutex_unlock(&mh->lock);
+    }
+    buf_free(&recs);
+    if (drop == -2)
+        client_close(c, "out of memory");
+    else if (err)
+        client_close(c, strerror(err));
+    else
+        client_interest(c);
+}
+
+static void describe_peer(client *c, int fd, long pid, long uid)
+{
+    if (c->transport == T_UNIX) {
+        if (pid > 0)
+            snprintf(c->peer, sizeof c->peer, "unix, pid %ld, uid %ld", pid, uid);
+        else
+            snprintf(c->peer, sizeof c->peer, "unix, uid %ld", uid);
+    } else {
+        struct sockaddr_storage ss;
+        socklen_t sl = sizeof ss;
+        char a[72] = "?";
+        if (getpeername(fd, (struct sockaddr *)&ss, &sl) == 0)
+            format_addr((struct sockaddr *)&ss, a, sizeof a);
+        snprintf(c->peer, sizeof c->peer, "tcp %s", a);
+    }
+}
+
+static void on_accept(manhole *mh, int lfd, int transport)
+{
+    for (int k = 0; k < 64; k++) {
+        int fd = accept_fd(lfd);
+        if (fd < 0) {
+            if (errno == EAGAIN || errno == EWOULDBLOCK)
+                return;
+            if (errno == ECONNABORTED || errno == EPROTO)
+                continue;
+            LOG(mh, MANHOLE_LOG_ERROR, "accept on %s: %s",
+                transport == T_UNIX ? mh->unix_path : "tcp", strerror(errno));
+            return;
+        }
+        long pid = -1, uid = -1;
+        client tmp;
+        tmp.transport = transport;
+        if (transport == T_UNIX && peer_creds(fd, &pid, &uid) < 0) {
+            LOG(mh, MANHOLE_LOG_WARNING,
+                "refused unix client: cannot read its credentials: %s",
+                strerror(errno));
+            send_and_close(fd, "manhole: access denied\n");
+            continue;
+        }
+        describe_peer(&tmp, fd, pid, uid);
+        if (transport == T_UNIX && uid != 0 && uid != (long)geteuid()) {
+            LOG(mh, MANHOLE_LOG_WARNING, "refused client (%s): access denied",
+                tmp.peer);
+            send_and_close(fd, "manhole: access denied\n");
+            continue;
+        }
+        if (mh->nclients >= mh->cfg.max_clients) {
+            LOG(mh, MANHOLE_LOG_WARNING,
+                "refused client (%s): too many clients (limit %d)", tmp.peer,
+                mh->cfg.max_clients);
+            char msg[96];
+            snprintf(msg, sizeof msg,
+                     "manhole: too many clients (limit %d); try again later\n",
+                     mh->cfg.max_clients);
+            send_and_close(fd, msg);
+            continue;
+        }
+        if (mh->fdset_mode && fd >= FD_SETSIZE) {
+            LOG(mh, MANHOLE_LOG_WARNING,
+                "refused client (%s): descriptor %d does not fit in the "
+                "host's fd_set (FD_SETSIZE %d)",
+                tmp.peer, fd, FD_SETSIZE);
+            send_and_close(fd, "manhole: the host has too many open files; "
+                               "refused\n");
+            continue;
+        }
+        client *c = calloc(1, sizeof *c);
+        if (!c || pthread_cond_init(&c->cv, NULL) != 0) {
+            free(c);
+            send_and_close(fd, "manhole: out of memory\n");
+            continue;
+        }
+        c->mh = mh;
+        c->fd = fd;
+        c->transport = transport;
+        memcpy(c->peer, tmp.peer, sizeof c->peer);
+        c->refs = 1;
+        c->id = ++mh->next_id;
+        c->last_active = now_mono();
+        if (transport == T_TCP) {
+            int one = 1;
+            setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+        }
+        c->ev = EV_IN;
+        if (poller_add(mh, fd, c, EV_IN) < 0) {
+            LOG(mh, MANHOLE_LOG_ERROR, "cannot watch client descriptor: %s",
+                strerror(errno));
+            send_and_close(fd, "manhole: internal error\n");
+            client_free(c);
+            continue;
+        }
+        c->next = mh->clients;
+        if (mh->clients)
+            mh->clients->prev = c;
+        mh->clients = c;
+        mh->nclients++;
+        LOG(mh, MANHOLE_LOG_INFO, "client #%u connected (%s)", c->id, c->peer);
+        /* Banner and first prompt need no Python: send them now. */
+        buf_add(&c->tx, mh->banner ? mh->banner : "", mh->banner_len);
+        pthread_mutex_lock(&mh->lock);
+        buf_add(&c->tx, mh->ps1, strlen(mh->ps1));
+        pthread_mutex_unlock(&mh->lock);
+        client_send_host(c);
+    }
+}
+
+/* Everything the workers asked the host for: output to send, clients to
+ * close or to read from again. Host thread. */
+static void process_dirty(manhole *mh)
+{
+    pthread_mutex_lock(&mh->lock);
+    int wake = mh->wake_pending;
+    pthread_mutex_unlock(&mh->lock);
+    if (!wake)
+        return;
+    drain_wake(mh); /* first, so no wake-up is lost (see wake_host_locked) */
+    pthread_mutex_lock(&mh->lock);
+    mh->wake_pending = 0;
+    client *list = mh->dirty;
+    mh->dirty = NULL;
+    for (client *c = list; c; c = c->dnext)
+        c->dirty = 0;
+    pthread_mutex_unlock(&mh->lock);
+    while (list) {
+        client *c = list;
+        list = c->dnext;
+        if (c->fd >= 0) {
+            pthread_mutex_lock(&mh->lock);
+            int resume = c->rd_paused && !c->in_paused;
+            pthread_mutex_unlock(&mh->lock);
+            if (resume)
+                c->rd_paused = 0;
+            client_send_host(c);
+        }
+        pthread_mutex_lock(&mh->lock);
+        client_unref_locked(c);
+        pthread_mutex_unlock(&mh->lock);
+    }
+}
+
+/* C functions and binding writes that must run on the host thread. */
+static void run_hostcalls(manhole *mh)
+{
+    pthread_mutex_lock(&mh->lock);
+    while (mh->hc_head) {
+        hostcall *hc = mh->hc_head;
+        mh->hc_head = hc->next;
+        if (!mh->hc_head)
+            mh->hc_tail = NULL;
+        hc->started = 1;
+        pthread_mutex_unlock(&mh->lock);
+        mh->in_callback++;
+        hostcall_exec(hc);
+        mh->in_callback--;
+        pthread_mutex_lock(&mh->lock);
+        hc->done = 1;
+        pthread_cond_broadcast(&mh->hc_cv);
+    }
+    pthread_mutex_unlock(&mh->lock);
+}
+
+/* Non-threaded mode: run the queued statements here, on the host thread. */
+static void host_run_jobs(manhole *mh)
+{
+    pthread_mutex_lock(&mh->lock);
+    int n = 0;
+    for (client *c = mh->jq_head; c; c = c->jnext)
+        n++;
+    pthread_mutex_unlock(&mh->lock);
+    if (n == 0)
+        return;
+    worker *w = &mh->hostw;
+    PyGILState_STATE g = PyGILState_Ensure();
+    w->py_tid = PyThread_get_thread_ident();
+    worker *saved = tl_worker;
+    tl_worker = w;
+    for (int k = 0; k < n; k++) {
+        pthread_mutex_lock(&mh->lock);
+        client *c = dequeue_locked(mh);
+        pthread_mutex_unlock(&mh->lock);
+        if (!c)
+            break;
+        process_job(w, c);
+    }
+    tl_worker = saved;
+    PyGILState_Release(g);
+}
+
+static void idle_check(manhole *mh)
+{
+    if (mh->cfg.idle_timeout <= 0 || !mh->clients)
+        return;
+    double now = now_mono();
+    client *next;
+    for (client *c = mh->clients; c; c = next) {
+        next = c->next;
+        if (now - c->last_active < mh->cfg.idle_timeout)
+            continue;
+        pthread_mutex_lock(&mh->lock);
+        int idle = !c->busy && buf_used(&c->inq) == 0;
+        pthread_mutex_unlock(&mh->lock);
+        if (!idle) {
+            c->last_active = now;
+            continue;
+        }
+        char msg[96];
+        snprintf(msg, sizeof msg, "\nmanhole: idle for %g seconds; closing\n",
+                 mh->cfg.idle_timeout);
+        (void)xsend(c->fd, msg, strlen(msg));
+        client_close(c, "idle timeout");
+    }
+}
+
+static void client_event(client *c, unsigned ev)
+{
+    if (ev & EV_ERR) {
+        client_close(c, "connection error");
+        return;
+    }
+    if (ev & (EV_IN | EV_HUP)) {
+        if (!c->rd_eof && !c->rd_paused)
+            client_read(c);
+        if (c->fd < 0)
+            return;
+        if (ev & EV_HUP) { /* both directions shut: the client is gone */
+            client_close(c, "disconnected");
+            return;
+        }
+    }
+    if (ev & EV_OUT)
+        client_send_host(c);
+}
+
+static void dispatch(manhole *mh, void *tag, unsigned ev)
+{
+    if (tag == TAG_LISTEN_UNIX)
+        on_accept(mh, mh->lfd_unix, T_UNIX);
+    else if (tag == TAG_LISTEN_TCP)
+        on_accept(mh, mh->lfd_tcp, T_TCP);
+    else if (tag != TAG_WAKE)
+        client_event((client *)tag, ev);
+}
+
+static void manhole_free(manhole *mh, int detached);
+
+/* The second half of every turn. Returns the poll status. */
+static int turn_finish(manhole *mh)
+{
+    pthread_mutex_lock(&mh->lock);
+    int work = mh->wake_pending || mh->hc_head || mh->logq_len ||
+               mh->logq_dropped || mh->nreap ||
+               (!mh->cfg.threaded && mh->jq_head);
+    pthread_mutex_unlock(&mh->lock);
+    if (work) {
+        process_dirty(mh);
+        run_hostcalls(mh);
+        if (!mh->cfg.threaded) {
+            host_run_jobs(mh);
+            process_dirty(mh);
+        }
+        workers_reap(mh);
+    }
+    idle_check(mh);
+    log_flush(mh);
+    if (mh->exits_ready > 0) {
+        mh->exits_ready--;
+        return MANHOLE_EXIT;
+    }
+    return MANHOLE_OK;
+}
+
+/* ==================================================================== */
+/* Public API                                                           */
+/* ==================================================================== */
+
+const char *manhole_version(void) { return MANHOLE_VERSION_STRING; }
+
+int manhole_version_number(void) { return MANHOLE_VERSION_NUMBER; }
+
+const char *manhole_strerror(int status)
+{
+    switch (status) {
+    case MANHOLE_OK: return "success";
+    case MANHOLE_EXIT: return "a client called sys.exit()";
+    case MANHOLE_EINVAL: return "invalid argument";
+    case MANHOLE_ESYS: return "system call failed";
+    case MANHOLE_ENOMEM: return "out of memory";
+    case MANHOLE_EPYTHON: return "Python error";
+    case MANHOLE_EBUSY: return "a live server already listens at the path";
+    case MANHOLE_EEXIST: return "the path exists and is not a stale socket";
+    case MANHOLE_EFDSETSIZE: return "descriptor does not fit in an fd_set";
+    case MANHOLE_ERECURSIVE: return "called from inside a manhole callback";
+    case MANHOLE_EFORKED: return "manhole used in a child process after fork()";
+    case MANHOLE_ENOTSUP: return "not supported by this build";
+    case MANHOLE_ENOTFOUND: return "no such name";
+    }
+    return "unknown status";
+}
+
+void manhole_config_init(manhole_config *cfg)
+{
+    if (!cfg)
+        return;
+    memset(cfg, 0, sizeof *cfg);
+    cfg->struct_size = sizeof *cfg;
+    cfg->unix_mode = 0600;
+    cfg->tcp_port = -1;
+    cfg->threaded = 1;
+    cfg->timeout = 5.0;
+    cfg->max_clients = 64;
+    cfg->max_line = 1u << 20;
+    cfg->max_input = 4u << 20;
+    cfg->max_output = 1u << 20;
+    cfg->max_workers = 16;
+    cfg->log_level = MANHOLE_LOG_INFO;
+}
+
+/* Start Python or join the interpreter the host runs, and set up this
+ * manhole's namespace. */
+static int py_open(manhole *mh)
+{
+    int started = 0;
+    PyGILState_STATE g = PyGILState_UNLOCKED;
+    if (!Py_IsInitialized()) {
+        PyPreConfig pre;
+        PyPreConfig_InitPythonConfig(&pre);
+        pre.configure_locale = 0; /* the host's locale is the host's */
+        pre.utf8_mode = 1;
+        pre.parse_argv = 0;
+        PyStatus st = Py_PreInitialize(&pre);
+        if (PyStatus_Exception(st))
+            return set_err(mh, MANHOLE_EPYTHON, "cannot start Python: %s",
+                           st.err_msg ? st.err_msg : "?");
+        PyConfig pc;
+        PyConfig_InitPythonConfig(&pc);
+        pc.install_signal_handlers = 0; /* signals belong to the host */
+        pc.parse_argv = 0;
+        pc.configure_c_stdio = 0;
+        st = Py_InitializeFromConfig(&pc);
+        PyConfig_Clear(&pc);
+        if (PyStatus_Exception(st))
+            return set_err(mh, MANHOLE_EPYTHON, "cannot start Python: %s",
+                           st.err_msg ? st.err_msg : "?");
+        started = 1;
+    } else {
+        g = PyGILState_Ensure();
+    }
+    PyObject *mod = support_acquire(started, started ? PyThreadState_Get() : NULL);
+    if (!mod)
+        goto fail;
+    mh->ns_type = PyObject_GetAttrString(mod, "Namespace");
+    PyObject *core_type = PyObject_GetAttrString(mod, "Core");
+    if (!mh->ns_type || !core_type) {
+        Py_XDECREF(core_type);
+        goto fail_support;
+    }
+    mh->core = new_of(core_type);
+    Py_DECREF(core_type);
+    if (!mh->core)
+        goto fail_support;
+    ((CoreObject *)mh->core)->mh = mh;
+    ((CoreObject *)mh->core)->bindings = PyDict_New();
+    mh->ns = ns_new(mh);
+    /* threading takes whichever thread first imports it for the main
+     * thread: make that this one, not a worker. */
+    PyObject *threading = PyImport_ImportModule("threading");
+    Py_XDECREF(threading);
+    PyErr_Clear();
+    PyObject *builtins = PyImport_ImportModule("builtins");
+    PyObject *codeop = PyImport_ImportModule("codeop");
+    PyObject *stacks = make_stacks(mh->core);
+    if (!((CoreObject *)mh->core)->bindings || !mh->ns || !builtins ||
+        !codeop || !stacks) {
+        Py_XDECREF(builtins);
+        Py_XDECREF(codeop);
+        Py_XDECREF(stacks);
+        goto fail_support;
+    }
+    mh->compiler_cls = PyObject_GetAttrString(codeop, "CommandCompiler");
+    PyObject *name = PyUnicode_FromString("__main__");
+    int bad = !mh->compiler_cls || !name ||
+              PyDict_SetItemString(mh->ns, "__name__", name) < 0 ||
+              PyDict_SetItemString(mh->ns, "__doc__", Py_None) < 0 ||
+              PyDict_SetItemString(mh->ns, "__builtins__", builtins) < 0 ||
+              PyDict_SetItemString(mh->ns, "stacks", stacks) < 0;
+    Py_XDECREF(name);
+    Py_DECREF(builtins);
+    Py_DECREF(codeop);
+    Py_DECREF(stacks);
+    if (bad)
+        goto fail_support;
+    for (int more = 0; more < 2; more++) {
+        /* As the interactive interpreter (and code.interact) do: give
+         * sys.ps1/sys.ps2 their defaults when they are not set. */
+        if (!PySys_GetObject(more ? "ps2" : "ps1")) {
+            PyObject *d = PyUnicode_FromString(more ? "... " : ">>> ");
+            if (d)
+                PySys_SetObject(more ? "ps2" : "ps1", d);
+            Py_XDECREF(d);
+        }
+        PyObject *p = PySys_GetObject(more ? "ps2" : "ps1");
+        PyObject *s = p ? PyObject_Str(p) : NULL;
+        const char *t = s ? PyUnicode_AsUTF8(s) : NULL;
+        char *cache = more ? mh->ps2 : mh->ps1;
+        snprintf(cache, sizeof mh->ps1, "%s", t ? t : (more ? "... " : ">>> "));
+        Py_XDECREF(s);
+        PyErr_Clear();
+    }
+    if (started) {
+        mh->owns_python = 1;
+        mh->main_ts = PyEval_SaveThread(); /* the host runs without it */
+    } else {
+        PyGILState_Release(g);
+    }
+    return MANHOLE_OK;
+
+fail_support: {
+    PyThreadState *ts = NULL;
+    Py_CLEAR(mh->ns);
+    if (mh->core)
+        ((CoreObject *)mh->core)->mh = NULL;
+    Py_CLEAR(mh->core);
+    Py_CLEAR(mh->ns_type);
+    Py_CLEAR(mh->compiler_cls);
+    support_release(&ts);
+}
+fail: {
+    char what[256] = "?";
+    PyObject *t, *v, *tb;
+    PyErr_Fetch(&t, &v, &tb);
+    PyObject *s = v ? PyObject_Str(v) : NULL;
+    const char *txt = s ? PyUnicode_AsUTF8(s) : NULL;
+    snprintf(what, sizeof what, "%s", txt ? txt : "?");
+    Py_XDECREF(s);
+    Py_XDECREF(t);
+    Py_XDECREF(v);
+    Py_XDECREF(tb);
+    PyErr_Clear();
+    if (started)
+        Py_FinalizeEx();
+    else
+        PyGILState_Release(g);
+    return set_err(mh, MANHOLE_EPYTHON, "cannot set up Python: %s", what);
+}
+}
+
+int manhole_open(manhole **out, const manhole_config *cfg_in, char *err,
+                 size_t errlen)
+{
+    if (out)
+        *out = NULL;
+    if (err && errlen)
+        err[0] = 0;
+    if (!out || !cfg_in || cfg_in->struct_size == 0) {
+        if (err && errlen)
+            snprintf(err, errlen, "manhole_open: missing argument, or config "
+                                  "not set up with manhole_config_init()");
+        return MANHOLE_EINVAL;
+    }
+    manhole *mh = calloc(1, sizeof *mh);
+    if (!mh) {
+        if (err && errlen)
+            snprintf(err, errlen, "out of memory");
+        return MANHOLE_ENOMEM;
+    }
+    manhole_config_init(&mh->cfg);
+    memcpy(&mh->cfg, cfg_in, MH_MIN(cfg_in->struct_size, sizeof mh->cfg));
+    mh->cfg.struct_size = sizeof mh->cfg;
+    manhole_config *c = &mh->cfg;
+    manhole_config def;
+    manhole_config_init(&def);
+    if (c->max_clients <= 0) c->max_clients = def.max_clients;
+    if (c->max_line == 0) c->max_line = def.max_line;
+    if (c->max_input == 0) c->max_input = def.max_input;
+    if (c->max_input < c->max_line) c->max_input = c->max_line;
+    if (c->max_output == 0) c->max_output = def.max_output;
+    if (c->max_workers <= 0) c->max_workers = def.max_workers;
+    if (c->unix_mode == 0) c->unix_mode = def.unix_mode;
+    mh->lfd_unix = mh->lfd_tcp = mh->wake_r = mh->wake_w = -1;
+    mh->tcp_port = -1;
+#ifdef MH_HAVE_EPOLL
+    mh->epfd = -1;
+#endif
+    pthread_mutex_init(&mh->lock, NULL);
+    pthread_cond_init(&mh->work_cv, NULL);
+    pthread_cond_init(&mh->wd_cv, NULL);
+    pthread_cond_init(&mh->gone_cv, NULL);
+    pthread_cond_init(&mh->hc_cv, NULL);
+    mh->hostw.mh = mh;
+    mh->hostw.is_host = 1;
+    snprintf(mh->ps1, sizeof mh->ps1, ">>> ");
+    snprintf(mh->ps2, sizeof mh->ps2, "... ");
+    pthread_once(&fork_once, fork_init);
+    mh->fork_gen = fork_generation;
+    mh->pid = getpid();
+
+    int rc = MANHOLE_OK;
+    if (!c->unix_path && c->tcp_port < 0)
+        rc = set_err(mh, MANHOLE_EINVAL,
+                     "nothing to listen on: set unix_path or tcp_port");
+    else if (c->tcp_port > 65535)
+        rc = set_err(mh, MANHOLE_EINVAL, "tcp port %d out of range", c->tcp_port);
+    else if (c->timeout < 0 || c->idle_timeout < 0)
+        rc = set_err(mh, MANHOLE_EINVAL, "timeouts must not be negative");
+    if (rc != MANHOLE_OK)
+        goto fail;
+
+    mh->unix_path = mh_strdup(c->unix_path);
+    mh->tcp_host = mh_strdup(c->tcp_host ? c->tcp_host : "127.0.0.1");
+    if (c->banner && c->banner[0]) {
+        size_t n = strlen(c->banner);
+        int nl = c->banner[n - 1] != '\n';
+        mh->banner = malloc(n + 2);
+        if (mh->banner) {
+            memcpy(mh->banner, c->banner, n);
+            if (nl)
+                mh->banner[n++] = '\n';
+            mh->banner[n] = 0;
+            mh->banner_len = n;
+        }
+    }
+    c->unix_path = mh->unix_path;
+    c->tcp_host = mh->tcp_host;
+    c->banner = mh->banner;
+    if ((c->unix_path && !mh->unix_path) || !mh->tcp_host ||
+        (c->banner && !mh->banner)) {
+        rc = set_err(mh, MANHOLE_ENOMEM, "out of memory");
+        goto fail;
+    }
+
+#ifdef MH_HAVE_EVENTFD
+    mh->wake_r = mh->wake_w = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    if (mh->wake_r < 0) {
+        rc = set_err(mh, MANHOLE_ESYS, "eventfd: %s", strerror(errno));
+        goto fail;
+    }
+#else
+    {
+        int p[2];
+        if (pipe(p) < 0 || fd_setup(p[0]) < 0 || fd_setup(p[1]) < 0) {
+            rc = set_err(mh, MANHOLE_ESYS, "pipe: %s", strerror(errno));
+            goto fail;
+        }
+        mh->wake_r = p[0];
+        mh->wake_w = p[1];
+    }
+#endif
+    if (poller_init(mh) < 0 || poller_add(mh, mh->wake_r, TAG_WAKE, EV_IN) < 0) {
+        rc = set_err(mh, MANHOLE_ESYS, "cannot set up the poller: %s",
+                     strerror(errno));
+        goto fail;
+    }
+    if (c->unix_path && (rc = unix_listen(mh)) != MANHOLE_OK)
+        goto fail;
+    if (c->tcp_port >= 0 && (rc = tcp_listen(mh)) != MANHOLE_OK)
+        goto fail;
+    if ((mh->lfd_unix >= 0 &&
+         poller_add(mh, mh->lfd_unix, TAG_LISTEN_UNIX, EV_IN) < 0) ||
+        (mh->lfd_tcp >= 0 && poller_add(mh, mh->lfd_tcp, TAG_LISTEN_TCP, EV_IN) < 0)) {
+        rc = set_err(mh, MANHOLE_ESYS, "cannot watch the listener: %s",
+                     strerror(errno));
+        goto fail;
+    }
+    if ((rc = py_open(mh)) != MANHOLE_OK)
+        goto fail;
+    LOG(mh, MANHOLE_LOG_INFO, "manhole %s open (%s%s%s%s, %s, timeout %g s, %s namespace)",
+        MANHOLE_VERSION_STRING, mh->unix_path ? "unix:" : "",
+        mh->unix_path ? mh->unix_path : "", mh->lfd_tcp >= 0 ? " tcp:" : "",
+        mh->lfd_tcp >= 0 ? mh->tcp_host : "", c->threaded ? "threaded" : "non-threaded",
+        c->timeout, c->shared_namespace ? "shared" : "per-client");
+    log_flush(mh);
+    *out = mh;
+    return MANHOLE_OK;
+
+fail:
+    log_flush(mh);
+    if (err && errlen)
+        snprintf(err, errlen, "%s", mh->errmsg);
+    if (mh->lfd_unix >= 0 && mh->unix_path)
+        unlink(mh->unix_path); /* ours, and nobody will ever answer it */
+    manhole_free(mh, 0);
+    return rc;
+}
+
+/* Release descriptors and memory (no Python). */
+static void manhole_free(manhole *mh, int detached)
+{
+    while (mh->clients) {
+        client *c = mh->clients;
+        mh->clients = c->next;
+        if (c->fd >= 0)
+            close(c->fd);
+        if (!detached)
+            client_free(c);
+    }
+    if (mh->lfd_unix >= 0)
+        close(mh->lfd_unix);
+    if (mh->lfd_tcp >= 0)
+        close(mh->lfd_tcp);
+    if (mh->wake_r >= 0)
+        close(mh->wake_r);
+    if (mh->wake_w >= 0 && mh->wake_w != mh->wake_r)
+        close(mh->wake_w);
+#ifdef MH_HAVE_EPOLL
+    if (mh->epfd >= 0)
+        close(mh->epfd);
+#endif
+    if (detached)
+        return; /* a stuck thread may still look at the rest */
+    for (int i = 0; i < mh->logq_len; i++)
+        free(mh->logq[(mh->logq_head + i) % LOGQ_MAX]);
+    free(mh->pfds);
+    free(mh->ptags);
+    free(mh->unix_path);
+    free(mh->tcp_host);
+    free(mh->banner);
+    buf_free(&mh->hostw.rec);
+    pthread_mutex_destroy(&mh->lock);
+    pthread_cond_destroy(&mh->work_cv);
+    pthread_cond_destroy(&mh->wd_cv);
+    pthread_cond_destroy(&mh->gone_cv);
+    pthread_cond_destroy(&mh->hc_cv);
+    free(mh);
+}
+
+#define CLOSE_GRACE_SECONDS 1.0
+
+void manhole_close(manhole *mh)
+{
+    if (!mh)
+        return;
+    if (mh->in_callback) { /* finish the turn first */
+        mh->close_deferred = 1;
+        return;
+    }
+    if (mh_forked(mh)) {
+        /* A child after fork(): the parent's threads and Python state are
+         * not ours. Release our copies of the descriptors, nothing else
+         * (the socket file stays the parent's). */
+        manhole_free(mh, 1);
+        return;
+    }
+    mh->in_callback++;
+
+    /* 1. Stop: no new statements, interrupt running ones. */
+    pthread_mutex_lock(&mh->lock);
+    mh->stopping = 1;
+    for (worker *w = mh->workers; w; w = w->next)
+        request_interrupt_locked(w);
+    pthread_cond_broadcast(&mh->work_cv);
+    pthread_cond_broadcast(&mh->hc_cv);
+    for (hostcall *hc = mh->hc_head; hc; hc = hc->next) {
+        hc->rc = HC_CANCELLED;
+        hc->done = 1;
+    }
+    mh->hc_head = mh->hc_tail = NULL;
+    for (client *c = mh->clients; c; c = c->next)
+        pthread_cond_broadcast(&c->cv);
+    pthread_mutex_unlock(&mh->lock);
+
+    /* 2. Listeners away; clients get what can be sent without waiting. */
+    if (mh->lfd_unix >= 0) {
+        poller_del(mh, mh->lfd_unix);
+        close(mh->lfd_unix);
+        mh->lfd_unix = -1;
+    }
+    if (mh->lfd_tcp >= 0) {
+        poller_del(mh, mh->lfd_tcp);
+        close(mh->lfd_tcp);
+        mh->lfd_tcp = -1;
+    }
+    while (mh->clients) {
+        client *c = mh->clients;
+        (void)client_flush(c);
+        client_close(c, "manhole closed");
+    }
+
+    /* 3. Let the threads go; wait a while for them. A host that holds
+     * the GIL here would keep them from ever finishing: lend it. */
+    PyThreadState *lent = NULL;
+    if (PyGILState_Check())
+        lent = PyEval_SaveThread();
+    double until = now_mono() + CLOSE_GRACE_SECONDS;
+    pthread_mutex_lock(&mh->lock);
+    mh->wd_stop = 1;
+    pthread_cond_broadcast(&mh->wd_cv);
+    while ((mh->nthreads > 0 || (mh->wd_started && !mh->wd_exited)) &&
+           now_mono() < until) {
+        struct timespec ts = abs_realtime(0.05);
+        pthread_cond_timedwait(&mh->gone_cv, &mh->lock, &ts);
+    }
+    int stuck = mh->nthreads + (mh->wd_started && !mh->wd_exited);
+    pthread_mutex_unlock(&mh->lock);
+    log_flush(mh);
+    for (worker *w = mh->workers, *next; w; w = next) {
+        next = w->next;
+        if (w->exited) {
+            pthread_join(w->thread, NULL);
+            buf_free(&w->rec);
+            free(w);
+        } else {
+            pthread_detach(w->thread);
+        }
+    }
+    if (mh->wd_started) {
+        if (mh->wd_exited)
+            pthread_join(mh->wd_thread, NULL);
+        else
+            pthread_detach(mh->wd_thread);
+    }
+    if (stuck) {
+        LOG(mh, MANHOLE_LOG_WARNING,
+            "%d thread(s) stuck in uninterruptible calls left behind", stuck);
+        log_flush(mh);
+    }
+    if (lent)
+        PyEval_RestoreThread(lent);
+
+    /* 4. Python: sessions, namespace, streams; finalize if we started it
+     * and nothing is left running in it. */
+    PyGILState_STATE g = PyGILState_Ensure();
+    pthread_mutex_lock(&mh->lock);
+    client *jobs = mh->jq_head;
+    mh->jq_head = mh->jq_tail = NULL;
+    pthread_mutex_unlock(&mh->lock);
+    while (jobs) {
+        client *c = jobs;
+        jobs = c->jnext;
+        if (c->has_session && !stuck)
+            session_close(c);
+        pthread_mutex_lock(&mh->lock);
+        c->queued = 0;
+        if (!stuck)
+            client_unref_locked(c);
+        pthread_mutex_unlock(&mh->lock);
+    }
+    ((CoreObject *)mh->core)->mh = NULL;
+    PyDict_Clear(((CoreObject *)mh->core)->bindings);
+    Py_CLEAR(mh->ns);
+    Py_CLEAR(mh->core);
+    Py_CLEAR(mh->ns_type);
+    Py_CLEAR(mh->compiler_cls);
+    PyThreadState *main_ts = NULL;
+    int finalize = support_release(&main_ts) && !stuck;
+    if (finalize) {
+        if (PyThreadState_Get() != main_ts) {
+            PyGILState_Release(g);
+            PyEval_RestoreThread(main_ts);
+        }
+        Py_FinalizeEx();
+    } else {
+        PyGILState_Release(g);
+    }
+    mh->in_callback--;
+    manhole_free(mh, stuck);
+}
+
+const char *manhole_errmsg(const manhole *mh)
+{
+    return mh ? mh->errmsg : "no manhole";
+}
+
+#define API_GUARD(mh)                                                          \
+    do {                                                                       \
+        if (!(mh))                                                             \
+            return MANHOLE_EINVAL;                                             \
+        if ((mh)->in_callback)                                                 \
+            return set_err((mh), MANHOLE_ERECURSIVE,                           \
+                           "called from inside a manhole callback");          \
+        if (mh_forked(mh))                                                     \
+            return set_err((mh), MANHOLE_EFORKED,                              \
+                           "this manhole belongs to the parent process");     \
+    } while (0)
+
+static int finish_and_maybe_close(manhole *mh)
+{
+    int rc = turn_finish(mh);
+    if (mh->close_deferred) {
+        mh->close_deferred = 0;
+        manhole_close(mh);
+        return MANHOLE_OK;
+    }
+    return rc;
+}
+
+static int internal_timeout(manhole *mh)
+{
+    int t = -1;
+    if (!mh->cfg.threaded) {
+        pthread_mutex_lock(&mh->lock);
+        int jobs = mh->jq_head != NULL;
+        pthread_mutex_unlock(&mh->lock);
+        if (jobs)
+            return 0;
+    }
+    if (mh->cfg.idle_timeout > 0 && mh->clients) {
+        double now = now_mono(), soonest = -1;
+        for (client *c = mh->clients; c; c = c->next) {
+            double left = c->last_active + mh->cfg.idle_timeout - now;
+            if (soonest < 0 || left < soonest)
+                soonest = left;
+        }
+        t = soonest <= 0 ? 0 : (int)(soonest * 1000.0) + 1;
+    }
+    return t;
+}
+
+int manhole_poll(manhole *mh, int timeout_ms)
+{
+    API_GUARD(mh);
+    int wait = timeout_ms;
+    int t = internal_timeout(mh);
+    if (t >= 0 && (wait < 0 || t < wait))
+        wait = t;
+    ready evs[MAX_READY];
+    int n;
+    if (wait != 0 && PyGILState_Check()) {
+        /* A host that holds the GIL while it waits would starve the
+         * workers: lend it for the wait. */
+        PyThreadState *ts = PyEval_SaveThread();
+        n = poller_wait(mh, wait, evs);
+        PyEval_RestoreThread(ts);
+    } else {
+        n = poller_wait(mh, wait, evs);
+    }
+    if (n < 0)
+        return set_err(mh, MANHOLE_ESYS, "poll: %s", strerror(errno));
+    for (int i = 0; i < n; i++)
+        dispatch(mh, evs[i].tag, evs[i].ev);
+    return finish_and_maybe_close(mh);
+}
+
+int manhole_fdset(manhole *mh, fd_set *rd, fd_set *wr, int *maxfd)
+{
+    API_GUARD(mh);
+    if (!rd || !wr || !maxfd)
+        return set_err(mh, MANHOLE_EINVAL, "manhole_fdset: NULL argument");
+    mh->fdset_mode = 1;
+    int rc = MANHOLE_OK;
+#define ADD_FD(fd, set)                                                        \
+    do {                                                                       \
+        if ((fd) >= FD_SETSIZE)                                                \
+            rc = set_err(mh, MANHOLE_EFDSETSIZE,                               \
+                         "descriptor %d does not fit in an fd_set "           \
+                         "(FD_SETSIZE %d)",                                    \
+                         (fd), FD_SETSIZE);                                    \
+        else {                                                                 \
+            FD_SET((fd), (set));                                               \
+            if ((fd) > *maxfd)                                                 \
+                *maxfd = (fd);                                                 \
+        }                                                                      \
+    } while (0)
+    if (mh->lfd_unix >= 0)
+        ADD_FD(mh->lfd_unix, rd);
+    if (mh->lfd_tcp >= 0)
+        ADD_FD(mh->lfd_tcp, rd);
+    ADD_FD(mh->wake_r, rd);
+    for (client *c = mh->clients; c; c = c->next) {
+        if (c->ev & EV_IN)
+            ADD_FD(c->fd, rd);
+        if (c->ev & EV_OUT)
+            ADD_FD(c->fd, wr);
+    }
+#undef ADD_FD
+    return rc;
+}
+
+int manhole_timeout(manhole *mh)
+{
+    if (!mh || mh_forked(mh))
+        return -1;
+    return internal_timeout(mh);
+}
+
+static int in_set(int fd, const fd_set *s)
+{
+    return s && fd >= 0 && fd < FD_SETSIZE && FD_ISSET(fd, s);
+}
+
+int manhole_process(manhole *mh, const fd_set *rd, const fd_set *wr)
+{
+    API_GUARD(mh);
+    client *next;
+    for (client *c = mh->clients; c; c = next) {
+        next = c->next;
+        unsigned ev = (in_set(c->fd, rd) ? EV_IN : 0) |
+                      (in_set(c->fd, wr) ? EV_OUT : 0);
+        if (ev)
+            client_event(c, ev);
+    }
+    if (in_set(mh->lfd_unix, rd))
+        on_accept(mh, mh->lfd_unix, T_UNIX);
+    if (in_set(mh->lfd_tcp, rd))
+        on_accept(mh, mh->lfd_tcp, T_TCP);
+    return finish_and_maybe_close(mh);
+}
+
+int manhole_pollfds(manhole *mh, struct pollfd *fds, int nfds)
+{
+    API_GUARD(mh);
+    if (pfds_build(mh) < 0)
+        return set_err(mh, MANHOLE_ENOMEM, "out of memory");
+    for (int i = 0; i < mh->npfds && i < nfds && fds; i++) {
+        fds[i].fd = mh->pfds[i].fd;
+        fds[i].events = mh->pfds[i].events;
+        fds[i].revents = 0;
+    }
+    return mh->npfds;
+}
+
+int manhole_fd(manhole *mh)
+{
+    API_GUARD(mh);
+#ifdef MH_HAVE_EPOLL
+    return mh->epfd;
+#else
+    return set_err(mh, MANHOLE_ENOTSUP, "this build has no epoll");
+#endif
+}
+
+int manhole_exit_status(const manhole *mh) { return mh ? mh->exit_status : 0; }
+
+int manhole_tcp_port(const manhole *mh) { return mh ? mh->tcp_port : -1; }
+
+int manhole_client_count(const manhole *mh) { return mh ? mh->nclients : 0; }
+
+/* ---- Namespace API ---------------------------------------------------- */
+
+#define NS_GUARD(mh, name)                                                     \
+    do {                                                                       \
+        if (!(mh) || !(name) || !(name)[0])                                    \
+            return (mh) ? set_err((mh), MANHOLE_EINVAL, "empty name")          \
+                        : MANHOLE_EINVAL;                                      \
+        if (mh_forked(mh))                                                     \
+            return set_err((mh), MANHOLE_EFORKED,                              \
+                           "this manhole belongs to the parent process");     \
+    } while (0)
+
+static int py_fail(manhole *mh)
+{
+    PyObject *t, *v, *tb;
+    PyErr_Fetch(&t, &v, &tb);
+    PyObject *s = v ? PyObject_Str(v) : NULL;
+    const char *txt = s ? PyUnicode_AsUTF8(s) : NULL;
+    set_err(mh, MANHOLE_EPYTHON, "%s", txt ? txt : "Python error");
+    Py_XDECREF(s);
+    Py_XDECREF(t);
+    Py_XDECREF(v);
+    Py_XDECREF(tb);
+    PyErr_Clear();
+    return MANHOLE_EPYTHON;
+}
+
+/* Put v (a new reference, may be NULL on error) under name. GIL held. */
+static int ns_put(manhole *mh, const char *name, PyObject *v)
+{
+    if (!v)
+        return py_fail(mh);
+    PyObject *bindings = ((CoreObject *)mh->core)->bindings;
+    if (PyDict_GetItemString(bindings, name))
+        PyDict_DelItemString(bindings, name);
+    int r = PyDict_SetItemString(mh->ns, name, v);
+    Py_DECREF(v);
+    return r < 0 ? py_fail(mh) : MANHOLE_OK;
+}
+
+int manhole_set_int(manhole *mh, const char *name, long long v)
+{
+    NS_GUARD(mh, name);
+    PyGILState_STATE g = PyGILState_Ensure();
+    int r = ns_put(mh, name, PyLong_FromLongLong(v));
+    PyGILState_Release(g);
+    return r;
+}
+
+int manhole_set_double(manhole *mh, const char *name, double v)
+{
+    NS_GUARD(mh, name);
+    PyGILState_STATE g = PyGILState_Ensure();
+    int r = ns_put(mh, name, PyFloat_FromDouble(v));
+    PyGILState_Release(g);
+    return r;
+}
+
+int manhole_set_string(manhole *mh, const char *name, const char *utf8)
+{
+    NS_GUARD(mh, name);
+    if (!utf8)
+        return set_err(mh, MANHOLE_EINVAL, "NULL string");
+    PyGILState_STATE g = PyGILState_Ensure();
+    int r = ns_put(mh, name, PyUnicode_DecodeUTF8(utf8, (Py_ssize_t)strlen(utf8), "strict"));
+    PyGILState_Release(g);
+    return r;
+}
+
+int manhole_set_bytes(manhole *mh, const char *name, const void *data, size_t len)
+{
+    NS_GUARD(mh, name);
+    if (!data && len)
+        return set_err(mh, MANHOLE_EINVAL, "NULL data");
+    PyGILState_STATE g = PyGILState_Ensure();
+    int r = ns_put(mh, name, PyBytes_FromStringAndSize(data ? data : "", (Py_ssize_t)len));
+    PyGILState_Release(g);
+    return r;
+}
+
+int manhole_set_object(manhole *mh, const char *name, void *obj)
+{
+    NS_GUARD(mh, name);
+    if (!obj)
+        return set_err(mh, MANHOLE_EINVAL, "NULL object");
+    PyGILState_STATE g = PyGILState_Ensure();
+    Py_INCREF((PyObject *)obj);
+    int r = ns_put(mh, name, (PyObject *)obj);
+    PyGILState_Release(g);
+    return r;
+}
+
+int manhole_unset(manhole *mh, const char *name)
+{
+    NS_GUARD(mh, name);
+    PyGILState_STATE g = PyGILState_Ensure();
+    PyObject *bindings = ((CoreObject *)mh->core)->bindings;
+    int found = 0;
+    if (PyDict_GetItemString(bindings, name)) {
+        PyDict_DelItemString(bindings, name);
+        found = 1;
+    }
+    if (PyDict_GetItemString(mh->ns, name)) {
+        PyDict_DelItemString(mh->ns, name);
+        found = 1;
+    }
+    PyErr_Clear();
+    PyGILState_Release(g);
+    return found ? MANHOLE_OK
+                 : set_err(mh, MANHOLE_ENOTFOUND, "%s: no such name", name);
+}
+
+void *manhole_namespace(manhole *mh)
+{
+    return mh ? mh->ns : NULL;
+}
+
+int manhole_bind(manhole *mh, const char *name, int type, void *addr, int flags)
+{
+    NS_GUARD(mh, name);
+    if (!addr || type < MANHOLE_BOOL || type > MANHOLE_STRING)
+        return set_err(mh, MANHOLE_EINVAL, "%s: bad binding type or address", name);
+    if (type == MANHOLE_STRING && (flags & MANHOLE_WRITABLE))
+        return set_err(mh, MANHOLE_EINVAL, "%s: string bindings are read-only", name);
+    PyGILState_STATE g = PyGILState_Ensure();
+    int r = MANHOLE_OK;
+    PyObject *mod = PyDict_GetItemString(PyImport_GetModuleDict(), "_manhole");
+    PyObject *type_obj = mod ? PyObject_GetAttrString(mod, "Binding") : NULL;
+    PyObject *b = type_obj ? new_of(type_obj) : NULL;
+    Py_XDECREF(type_obj);
+    if (!b) {
+        r = py_fail(mh);
+    } else {
+        BindingObject *bo = (BindingObject *)b;
+        bo->type = type;
+        bo->addr = addr;
+        bo->flags = flags;
+        PyObject *now = binding_get(bo);
+        if (!now || PyDict_SetItemString(mh->ns, name, now) < 0 ||
+            PyDict_SetItemString(((CoreObject *)mh->core)->bindings, name, b) < 0)
+            r = py_fail(mh);
+        Py_XDECREF(now);
+        Py_DECREF(b);
+    }
+    PyGILState_Release(g);
+    return r;
+}
+
+int manhole_def(manhole *mh, const char *name, manhole_fn *fn, void *ud,
+                const char *doc, int flags)
+{
+    NS_GUARD(mh, name);
+    if (!fn)
+        return set_err(mh, MANHOLE_EINVAL, "%s: NULL function", name);
+    PyGILState_STATE g = PyGILState_Ensure();
+    PyObject *mod = PyDict_GetItemString(PyImport_GetModuleDict(), "_manhole");
+    PyObject *type_obj = mod ? PyObject_GetAttrString(mod, "CFunction") : NULL;
+    PyObject *f = type_obj ? new_of(type_obj) : NULL;
+    Py_XDECREF(type_obj);
+    int r;
+    if (!f) {
+        r = py_fail(mh);
+    } else {
+        CFuncObject *fo = (CFuncObject *)f;
+        fo->fn = fn;
+        fo->ud = ud;
+        fo->flags = flags;
+        fo->name = PyUnicode_FromString(name);
+        fo->doc = doc ? PyUnicode_FromString(doc) : (Py_INCREF(Py_None), Py_None);
+        fo->core = mh->core;
+        Py_INCREF(mh->core);
+        if (!fo->name || !fo->doc) {
+            Py_DECREF(f);
+            r = py_fail(mh);
+        } else {
+            r = ns_put(mh, name, f);
+        }
+    }
+    PyGILState_Release(g);
+    return r;
+}
