@@ -19,6 +19,8 @@
  * --fork          fork once the manhole is open; the child reports what
  *                 manhole_poll() says there, then exits
  * --close-after-exit  print "exit N" and keep running after MANHOLE_EXIT
+ * --no-tick       no timer of its own: the loop sleeps until the manhole
+ *                 has work (turns() counts loop turns)
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -44,6 +46,7 @@ static long ticks;
 static const char *label = "test-host";
 static pthread_t loop_thread;
 static volatile sig_atomic_t stop;
+static long turns;
 
 static void on_term(int sig)
 {
@@ -113,6 +116,19 @@ static int fn_on_host(void *ud, int argc, const manhole_value *argv,
     return 0;
 }
 
+static int fn_turns(void *ud, int argc, const manhole_value *argv,
+                    manhole_value *ret, char *err, size_t errlen)
+{
+    (void)ud;
+    (void)argc;
+    (void)argv;
+    (void)err;
+    (void)errlen;
+    ret->type = MANHOLE_LLONG;
+    ret->i = turns;
+    return 0;
+}
+
 static void open_files(int n)
 {
     for (int i = 0; i < n; i++)
@@ -142,11 +158,12 @@ int main(int argc, char **argv)
     cfg.log_level = MANHOLE_LOG_DEBUG;
     const char *loop = "poll";
     int python = 0, files_before = 0, files_after = 0, do_fork = 0, keep_going = 0;
+    int tick = 1;
     enum {
         OPT_PATH = 1, OPT_PORT, OPT_NOTHREADED, OPT_TIMEOUT, OPT_SHARED, OPT_LOOP,
         OPT_PYTHON, OPT_FILES, OPT_FILES_AFTER, OPT_FORK, OPT_MAXCLIENTS, OPT_MAXOUTPUT,
         OPT_MAXLINE, OPT_MODE, OPT_AUDIT, OPT_KEEP, OPT_HOST, OPT_NONLOCAL, OPT_BANNER,
-        OPT_IDLE, OPT_WORKERS
+        OPT_IDLE, OPT_WORKERS, OPT_NOTICK
     };
     static const struct option opts[] = {
         {"path", required_argument, NULL, OPT_PATH},
@@ -170,6 +187,7 @@ int main(int argc, char **argv)
         {"idle-timeout", required_argument, NULL, OPT_IDLE},
         {"audit", no_argument, NULL, OPT_AUDIT},
         {"close-after-exit", no_argument, NULL, OPT_KEEP},
+        {"no-tick", no_argument, NULL, OPT_NOTICK},
         {NULL, 0, NULL, 0}};
     int o;
     while ((o = getopt_long(argc, argv, "", opts, NULL)) != -1) {
@@ -195,6 +213,7 @@ int main(int argc, char **argv)
         case OPT_IDLE: cfg.idle_timeout = atof(optarg); break;
         case OPT_AUDIT: cfg.audit = 1; break;
         case OPT_KEEP: keep_going = 1; break;
+        case OPT_NOTICK: tick = 0; break;
         default: fprintf(stderr, "test-host: bad option\n"); return 2;
         }
     }
@@ -226,6 +245,7 @@ int main(int argc, char **argv)
     manhole_def(mh, "echo", fn_echo, NULL, NULL, 0);
     manhole_def(mh, "on_host_thread", fn_on_host, NULL, NULL, 0);
     manhole_def(mh, "any_thread_echo", fn_echo, NULL, NULL, MANHOLE_ANY_THREAD);
+    manhole_def(mh, "turns", fn_turns, NULL, "host loop turns so far", 0);
     manhole_set_int(mh, "answer", 42);
     manhole_set_double(mh, "pi", 3.25);
     manhole_set_string(mh, "greeting", "h\xc3\xa9llo");
@@ -260,12 +280,13 @@ int main(int argc, char **argv)
 
     int status = 0;
     double next_tick = now_ms() + 100;
-    long turns = 0;
     while (!stop) {
         turns++;
         int wait = (int)(next_tick - now_ms());
         if (wait < 0)
             wait = 0;
+        if (!tick)
+            wait = -1;
         if (!strcmp(loop, "poll")) {
             rc = manhole_poll(mh, wait);
         } else if (!strcmp(loop, "select")) {
@@ -279,10 +300,10 @@ int main(int argc, char **argv)
                 return 3;
             }
             int t = manhole_timeout(mh);
-            if (t >= 0 && t < wait)
+            if (t >= 0 && (wait < 0 || t < wait))
                 wait = t;
             struct timeval tv = {wait / 1000, (wait % 1000) * 1000};
-            int n = select(maxfd + 1, &rd, &wr, NULL, &tv);
+            int n = select(maxfd + 1, &rd, &wr, NULL, wait < 0 ? NULL : &tv);
             rc = manhole_process(mh, n > 0 ? &rd : NULL, n > 0 ? &wr : NULL);
         } else if (!strcmp(loop, "pollfds")) {
             struct pollfd fds[256];
@@ -290,14 +311,14 @@ int main(int argc, char **argv)
             if (n > 256)
                 n = 256;
             int t = manhole_timeout(mh);
-            if (t >= 0 && t < wait)
+            if (t >= 0 && (wait < 0 || t < wait))
                 wait = t;
             poll(fds, (nfds_t)n, wait);
             rc = manhole_poll(mh, 0);
         } else if (!strcmp(loop, "fd")) {
             struct pollfd pf = {manhole_fd(mh), POLLIN, 0};
             int t = manhole_timeout(mh);
-            if (t >= 0 && t < wait)
+            if (t >= 0 && (wait < 0 || t < wait))
                 wait = t;
             poll(&pf, 1, wait);
             rc = manhole_poll(mh, 0);
@@ -305,7 +326,7 @@ int main(int argc, char **argv)
             fprintf(stderr, "test-host: unknown loop %s\n", loop);
             return 2;
         }
-        if (now_ms() >= next_tick) {
+        if (tick && now_ms() >= next_tick) {
             __atomic_store_n(&ticks, ticks + 1, __ATOMIC_RELAXED);
             next_tick += 100;
             if (python)
