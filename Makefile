@@ -1,5 +1,10 @@
 # manhole: `make` builds the library and the demo; `make test` runs the
 # whole suite; `make demo` builds and starts the demo.
+#
+# Other targets: check-asan (suite against an AddressSanitizer +
+# UndefinedBehaviorSanitizer build), check-valgrind, check-portable (Linux
+# fast paths off), check-warnings (gcc and clang, -Werror), fuzz, soak,
+# clean.
 
 PYTHON_PC ?= python3-embed
 # Recursive on purpose: evaluated after `deps` may have installed them.
@@ -14,39 +19,50 @@ AR ?= ar
 OPTIMIZATION ?= -O2
 DEBUG ?= -g
 WARNINGS = -Wall -Wextra -Wpedantic -Wshadow -Wstrict-prototypes -Wwrite-strings
+# Extra flags for variant builds (sanitizers, -DMANHOLE_PORTABLE, -Werror).
+VARIANT_CFLAGS ?=
+VARIANT_LDFLAGS ?=
 REAL_CFLAGS = -std=c11 $(OPTIMIZATION) $(DEBUG) $(WARNINGS) -fPIC -fvisibility=hidden \
-              $(PY_CFLAGS) $(CPPFLAGS) $(CFLAGS)
-REAL_LDFLAGS = $(LDFLAGS)
+              $(PY_CFLAGS) $(VARIANT_CFLAGS) $(CPPFLAGS) $(CFLAGS)
+REAL_LDFLAGS = $(VARIANT_LDFLAGS) $(LDFLAGS)
 LIBS = $(PY_LIBS) -lpthread
 
 VERSION := $(shell sed -n 's/^\#define MANHOLE_VERSION_STRING "\(.*\)"/\1/p' manhole.h)
 MAJOR := $(shell sed -n 's/^\#define MANHOLE_VERSION_MAJOR \([0-9]*\)/\1/p' manhole.h)
 SONAME = libmanhole.so.$(MAJOR)
 
-HOSTS = tests/hosts/test-host
+# Build directory: `.` for the normal build, build/<variant> for the others.
+B ?= .
+HOSTS = $(B)/tests/hosts/test-host
+PYTEST = $(PYTHON) -m pytest -q -p no:cacheprovider
+TESTS ?= tests
 
-.PHONY: all demo test deps clean hosts
+.PHONY: all demo test deps clean hosts check check-asan check-valgrind \
+        check-portable check-warnings fuzz soak
 
-all: libmanhole.a libmanhole.so demo/manhole-demo
+all: $(B)/libmanhole.a $(B)/libmanhole.so $(B)/demo/manhole-demo
 
-manhole.o: manhole.c manhole.h
+$(B)/manhole.o: manhole.c manhole.h
+	@mkdir -p $(B)
 	$(CC) $(REAL_CFLAGS) -c manhole.c -o $@
 
-libmanhole.a: manhole.o
-	$(AR) rcs $@ manhole.o
+$(B)/libmanhole.a: $(B)/manhole.o
+	$(AR) rcs $@ $(B)/manhole.o
 
-libmanhole.so.$(VERSION): manhole.o
-	$(CC) -shared -Wl,-soname,$(SONAME) $(REAL_LDFLAGS) -o $@ manhole.o $(LIBS)
+$(B)/libmanhole.so.$(VERSION): $(B)/manhole.o
+	$(CC) -shared -Wl,-soname,$(SONAME) $(REAL_LDFLAGS) -o $@ $(B)/manhole.o $(LIBS)
 
-libmanhole.so: libmanhole.so.$(VERSION)
-	ln -sf libmanhole.so.$(VERSION) $(SONAME)
+$(B)/libmanhole.so: $(B)/libmanhole.so.$(VERSION)
+	ln -sf libmanhole.so.$(VERSION) $(B)/$(SONAME)
 	ln -sf libmanhole.so.$(VERSION) $@
 
-demo/manhole-demo: demo/manhole-demo.c manhole.h libmanhole.a
-	$(CC) $(REAL_CFLAGS) $(REAL_LDFLAGS) -o $@ demo/manhole-demo.c libmanhole.a $(LIBS)
+$(B)/demo/manhole-demo: demo/manhole-demo.c manhole.h $(B)/libmanhole.a
+	@mkdir -p $(B)/demo
+	$(CC) $(REAL_CFLAGS) $(REAL_LDFLAGS) -o $@ demo/manhole-demo.c $(B)/libmanhole.a $(LIBS)
 
-tests/hosts/%: tests/hosts/%.c manhole.h libmanhole.a
-	$(CC) $(REAL_CFLAGS) $(REAL_LDFLAGS) -o $@ $< libmanhole.a $(LIBS)
+$(B)/tests/hosts/%: tests/hosts/%.c manhole.h $(B)/libmanhole.a
+	@mkdir -p $(B)/tests/hosts
+	$(CC) $(REAL_CFLAGS) $(REAL_LDFLAGS) -o $@ $< $(B)/libmanhole.a $(LIBS)
 
 hosts: $(HOSTS)
 
@@ -58,8 +74,38 @@ demo: all
 
 test: deps
 	$(MAKE) all hosts
-	$(PYTHON) -m pytest -q tests
+	$(PYTEST) $(TESTS)
+
+check: test
+
+# ---- Variant builds, each run against the whole suite -----------------
+
+SAN_FLAGS = -fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer
+check-asan: deps
+	$(MAKE) B=build/asan OPTIMIZATION=-O1 VARIANT_CFLAGS="$(SAN_FLAGS)" \
+	        VARIANT_LDFLAGS="$(SAN_FLAGS)" all hosts
+	MANHOLE_BUILD_DIR=build/asan MANHOLE_TEST_SANITIZER=1 \
+	ASAN_OPTIONS=detect_leaks=1:abort_on_error=1:strict_string_checks=1 \
+	LSAN_OPTIONS=suppressions=$(CURDIR)/tests/lsan.supp:print_suppressions=0 \
+	UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+	PYTHONMALLOC=malloc $(PYTEST) $(TESTS)
+
+check-valgrind: deps
+	$(MAKE) B=build/valgrind OPTIMIZATION=-O1 all hosts
+	MANHOLE_BUILD_DIR=build/valgrind MANHOLE_TEST_TIMEOUT=120 PYTHONMALLOC=malloc \
+	MANHOLE_TEST_WRAP="valgrind -q --error-exitcode=99 --leak-check=full \
+	  --show-leak-kinds=definite --errors-for-leak-kinds=definite --suppressions=$(CURDIR)/tests/valgrind.supp" \
+	$(PYTEST) $(TESTS)
+
+check-portable: deps
+	$(MAKE) B=build/portable VARIANT_CFLAGS=-DMANHOLE_PORTABLE all hosts
+	MANHOLE_BUILD_DIR=build/portable MANHOLE_TEST_PORTABLE=1 $(PYTEST) $(TESTS)
+
+check-warnings: deps
+	$(MAKE) B=build/gcc CC=gcc VARIANT_CFLAGS=-Werror all hosts
+	$(MAKE) B=build/clang CC=clang VARIANT_CFLAGS=-Werror all hosts
+	$(MAKE) B=build/clang-portable CC=clang VARIANT_CFLAGS="-Werror -DMANHOLE_PORTABLE" all hosts
 
 clean:
-	rm -f *.o *.a libmanhole.so* demo/manhole-demo $(HOSTS)
-	rm -rf tests/__pycache__ .pytest_cache
+	rm -f *.o *.a libmanhole.so* demo/manhole-demo tests/hosts/test-host
+	rm -rf build tests/__pycache__ .pytest_cache

@@ -329,6 +329,7 @@ struct client {
     int refs;
     client *jnext;          /* job queue */
     client *dnext;          /* dirty list (host has something to do) */
+    client *gnext;          /* closed this turn, host reference pending */
     unsigned char queued, dirty, busy, dead, eof_done, exiting;
     unsigned char has_session;
     unsigned char in_paused;/* input queue over max_input */
@@ -427,6 +428,7 @@ struct manhole {
     pthread_cond_t hc_cv;   /* hostcall done */
     client *jq_head, *jq_tail;
     client *dirty;
+    client *graveyard;      /* closed clients, released at the turn's end */
     hostcall *hc_head, *hc_tail;
     int wake_pending;
     int stopping;
@@ -3148,6 +3150,20 @@ static void client_close(client *c, const char *why)
         c->refs--;
         enqueue_locked(c);
     } else {
+        /* Released at the end of the turn: callers up the stack may still
+         * look at c (its fd is -1 now). */
+        c->gnext = mh->graveyard;
+        mh->graveyard = c;
+    }
+    pthread_mutex_unlock(&mh->lock);
+}
+
+static void graveyard_release(manhole *mh)
+{
+    pthread_mutex_lock(&mh->lock);
+    while (mh->graveyard) {
+        client *c = mh->graveyard;
+        mh->graveyard = c->gnext;
         client_unref_locked(c);
     }
     pthread_mutex_unlock(&mh->lock);
@@ -3417,26 +3433,30 @@ static void process_dirty(manhole *mh)
     drain_wake(mh); /* first, so no wake-up is lost (see wake_host_locked) */
     pthread_mutex_lock(&mh->lock);
     mh->wake_pending = 0;
-    client *list = mh->dirty;
+    client *list = mh->dirty, *done = NULL;
     mh->dirty = NULL;
-    for (client *c = list; c; c = c->dnext)
-        c->dirty = 0;
-    pthread_mutex_unlock(&mh->lock);
-    while (list) {
+    for (;;) {
+        /* Pop one at a time: an entry stays marked until it is popped, so
+         * a worker marking it again meanwhile finds it still queued here
+         * and never relinks it onto the new list while we walk this one. */
+        if (done)
+            client_unref_locked(done);
         client *c = list;
+        if (!c)
+            break;
         list = c->dnext;
+        c->dirty = 0;
+        int resume = c->fd >= 0 && c->rd_paused && !c->in_paused;
+        pthread_mutex_unlock(&mh->lock);
         if (c->fd >= 0) {
-            pthread_mutex_lock(&mh->lock);
-            int resume = c->rd_paused && !c->in_paused;
-            pthread_mutex_unlock(&mh->lock);
             if (resume)
                 c->rd_paused = 0;
             client_send_host(c);
         }
+        done = c;
         pthread_mutex_lock(&mh->lock);
-        client_unref_locked(c);
-        pthread_mutex_unlock(&mh->lock);
     }
+    pthread_mutex_unlock(&mh->lock);
 }
 
 /* C functions and binding writes that must run on the host thread. */
@@ -3549,7 +3569,7 @@ static int turn_finish(manhole *mh)
 {
     pthread_mutex_lock(&mh->lock);
     int work = mh->wake_pending || mh->hc_head || mh->logq_len ||
-               mh->logq_dropped || mh->nreap ||
+               mh->logq_dropped || mh->nreap || mh->graveyard ||
                (!mh->cfg.threaded && mh->jq_head);
     pthread_mutex_unlock(&mh->lock);
     if (work) {
@@ -3562,6 +3582,8 @@ static int turn_finish(manhole *mh)
         workers_reap(mh);
     }
     idle_check(mh);
+    if (mh->graveyard)
+        graveyard_release(mh);
     log_flush(mh);
     if (mh->exits_ready > 0) {
         mh->exits_ready--;
@@ -3975,6 +3997,7 @@ void manhole_close(manhole *mh)
         (void)client_flush(c);
         client_close(c, "manhole closed");
     }
+    graveyard_release(mh);
 
     /* 3. Let the threads go; wait a while for them. A host that holds
      * the GIL here would keep them from ever finishing: lend it. */
@@ -4023,6 +4046,12 @@ void manhole_close(manhole *mh)
     pthread_mutex_lock(&mh->lock);
     client *jobs = mh->jq_head;
     mh->jq_head = mh->jq_tail = NULL;
+    while (mh->dirty && !stuck) { /* dirty entries hold references */
+        client *c = mh->dirty;
+        mh->dirty = c->dnext;
+        c->dirty = 0;
+        client_unref_locked(c);
+    }
     pthread_mutex_unlock(&mh->lock);
     while (jobs) {
         client *c = jobs;

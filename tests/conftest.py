@@ -20,8 +20,18 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-DEMO = ROOT / "demo" / "manhole-demo"
-HOST = ROOT / "tests" / "hosts" / "test-host"
+# Variant builds (make check-asan, check-portable, ...) live in build/<name>.
+BUILD = ROOT / os.environ.get("MANHOLE_BUILD_DIR", ".")
+DEMO = BUILD / "demo" / "manhole-demo"
+HOST = BUILD / "tests" / "hosts" / "test-host"
+SANITIZER = bool(os.environ.get("MANHOLE_TEST_SANITIZER"))
+# The portable build (make check-portable) has no epoll, so no manhole_fd().
+PORTABLE = bool(os.environ.get("MANHOLE_TEST_PORTABLE"))
+needs_epoll = pytest.mark.skipif(PORTABLE, reason="manhole_fd() needs epoll; off in the portable build")
+# What sanitizers and valgrind print when they find something.
+REPORT = re.compile(r"ERROR: AddressSanitizer|ERROR: LeakSanitizer|runtime error:|"
+                    r"==\d+== (Invalid|Conditional|Use of|Syscall param|\d+ bytes in)|"
+                    r"definitely lost")
 TIMEOUT = float(os.environ.get("MANHOLE_TEST_TIMEOUT", "20"))
 # Extra words put in front of every host command line (for example
 # "valgrind -q --error-exitcode=99"), set by make check-valgrind.
@@ -141,6 +151,12 @@ class Proc:
         for t in self._readers:
             t.join(TIMEOUT)
         return self.p.returncode
+
+    def check_clean(self):
+        """Fail if a sanitizer or valgrind reported anything."""
+        m = REPORT.search(self.err)
+        assert not m and self.p.returncode != 99, \
+            "%s reported errors:\n%s" % (self.argv[0], self.err)
 
     def client(self, **kw):
         return Client.unix(self.unix_path, **kw)
@@ -299,6 +315,8 @@ def start(sockdir):
     yield _start
     for p in procs:
         p.stop()
+    for p in procs:
+        p.check_clean()
 
 
 @pytest.fixture

@@ -7,12 +7,14 @@ import subprocess
 
 import pytest
 
-from conftest import DEMO, TIMEOUT, Client, Proc
+from conftest import DEMO, REPORT, TIMEOUT, WRAP, Client, Proc
 
 
 def run_demo(*args, **kw):
-    return subprocess.run([str(DEMO)] + [str(a) for a in args], stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, timeout=TIMEOUT, **kw)
+    r = subprocess.run(WRAP + [str(DEMO)] + [str(a) for a in args], stdout=subprocess.PIPE,
+                       stderr=subprocess.PIPE, timeout=TIMEOUT, **kw)
+    assert not REPORT.search(r.stderr.decode(errors="replace")), r.stderr.decode()
+    return r
 
 
 def test_help_prints_usage():

@@ -5,9 +5,9 @@ import re
 
 import pytest
 
-from conftest import HOST, PS1, PS2, TIMEOUT, Client, wait_true
+from conftest import HOST, PS1, PS2, TIMEOUT, Client, needs_epoll, wait_true
 
-LOOPS = ["poll", "select", "pollfds", "fd"]
+LOOPS = ["poll", "select", "pollfds", pytest.param("fd", marks=needs_epoll)]
 
 
 @pytest.mark.parametrize("loop", LOOPS)
@@ -26,7 +26,7 @@ def test_session_through_each_integration_style(start, loop):
     assert c.read_until(PS1).startswith(b"TimeoutError")
 
 
-@pytest.mark.parametrize("loop", ["select", "fd", "poll"])
+@pytest.mark.parametrize("loop", ["select", pytest.param("fd", marks=needs_epoll), "poll"])
 def test_idle_host_does_not_busy_poll(start, loop):
     """While a statement runs for half a second on a worker, the host's
     loop turns only for the manhole's own events, not in a busy loop."""

@@ -311,10 +311,9 @@ def test_disconnect_mid_statement_interrupts_it(start):
     p = start(DEMO, "--timeout", "0")
     a = p.client()
     b = p.client()
-    b.cmd("done = False")
-    a.send("try:\n    while True:\n        n = 1\nfinally:\n    done = True\n\n")
-    for _ in range(5):
-        a.read_until(PS2)
+    b.cmd("done = started = False")
+    a.send("try:\n    started = True\n    while True:\n        n = 1\nfinally:\n    done = True\n\n")
+    wait_true(lambda: b.cmd("started") == "True\n", what="statement started")
     a.close()
     wait_true(lambda: b.cmd("done") == "True\n", what="statement interrupted")
 
