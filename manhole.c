@@ -936,10 +936,19 @@ static ssize_t xsend(int fd, const void *p, size_t n)
     return r;
 }
 
-/* Best effort: a one-line message to a client we are about to drop. */
+/* Best effort: a one-line message to a client we are about to drop. What
+ * it already sent is read and dropped first (a little of it), so it reads
+ * the message rather than a connection reset. */
 static void send_and_close(int fd, const char *msg)
 {
     (void)xsend(fd, msg, strlen(msg));
+    shutdown(fd, SHUT_WR);
+    char sink[4096];
+    for (int k = 0; k < 16; k++) {
+        ssize_t r = recv(fd, sink, sizeof sink, MSG_DONTWAIT);
+        if (r <= 0 && !(r < 0 && errno == EINTR))
+            break;
+    }
     close(fd);
 }
 
@@ -1192,6 +1201,13 @@ static int frame_bytes(client *c, const unsigned char *p, size_t n, buf *recs)
     size_t i = 0;
     while (i < n) {
         unsigned char ch = p[i];
+        if (c->iac == IAC_CMD && ch < 240) {
+            /* Not a telnet command after all: a stray 0xFF byte (which
+             * UTF-8 never contains), kept so the line is reported. */
+            c->iac = IAC_NONE;
+            ch = 0xFF;
+            goto literal;
+        }
         if (c->iac != IAC_NONE) {
             i++;
             switch (c->iac) {
@@ -3145,16 +3161,12 @@ static void client_close(client *c, const char *why)
         mh->exits_ready++;
         mh->exit_status = c->exit_status;
     }
-    if (c->has_session && !c->busy) {
-        /* The host's reference becomes a teardown job's. */
-        c->refs--;
-        enqueue_locked(c);
-    } else {
-        /* Released at the end of the turn: callers up the stack may still
-         * look at c (its fd is -1 now). */
-        c->gnext = mh->graveyard;
-        mh->graveyard = c;
-    }
+    if (c->has_session && !c->busy)
+        enqueue_locked(c); /* a worker releases the Python session */
+    /* The host's reference goes at the end of the turn: callers up the
+     * stack may still look at c (its fd is -1 now). */
+    c->gnext = mh->graveyard;
+    mh->graveyard = c;
     pthread_mutex_unlock(&mh->lock);
 }
 

@@ -46,7 +46,14 @@ static long ticks;
 static const char *label = "test-host";
 static pthread_t loop_thread;
 static volatile sig_atomic_t stop;
+static volatile sig_atomic_t usr1;
 static long turns;
+
+static void on_usr1(int sig)
+{
+    (void)sig;
+    usr1++;
+}
 
 static void on_term(int sig)
 {
@@ -223,6 +230,9 @@ int main(int argc, char **argv)
     sa.sa_handler = on_term;
     sigaction(SIGTERM, &sa, NULL);
     sigaction(SIGINT, &sa, NULL);
+    /* SIGUSR1 interrupts system calls (no SA_RESTART): EINTR everywhere. */
+    sa.sa_handler = on_usr1;
+    sigaction(SIGUSR1, &sa, NULL);
 
     if (python) {
         Py_InitializeEx(0);
@@ -345,7 +355,7 @@ int main(int argc, char **argv)
     manhole_close(mh);
     if (python)
         Py_FinalizeEx();
-    printf("closed after %ld turns\n", turns);
+    printf("closed after %ld turns, %ld SIGUSR1\n", turns, (long)usr1);
     fflush(stdout);
     return status;
 }
