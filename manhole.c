@@ -434,7 +434,8 @@ struct manhole {
     int stopping;
     worker *workers;
     int nworkers;           /* not abandoned, not exited */
-    int nidle;
+    int nidle;              /* workers waiting for a job */
+    int njobs;              /* jobs queued */
     int nthreads;           /* all worker threads alive */
     int worker_seq;
     int wd_started, wd_exited, wd_stop;
@@ -2772,10 +2773,12 @@ static void enqueue_locked(client *c)
     else
         mh->jq_head = c;
     mh->jq_tail = c;
+    mh->njobs++;
     if (mh->cfg.threaded) {
-        if (mh->nidle > 0)
-            pthread_cond_signal(&mh->work_cv);
-        else
+        /* A signalled worker counts as idle until it runs, so compare the
+         * queue with the idle workers rather than trusting the signal. */
+        pthread_cond_signal(&mh->work_cv);
+        if (mh->njobs > mh->nidle)
             worker_spawn_locked(mh);
     }
 }
@@ -2789,6 +2792,7 @@ static client *dequeue_locked(manhole *mh)
             mh->jq_tail = NULL;
         c->jnext = NULL;
         c->queued = 0;
+        mh->njobs--;
     }
     return c;
 }
@@ -4058,6 +4062,7 @@ void manhole_close(manhole *mh)
     pthread_mutex_lock(&mh->lock);
     client *jobs = mh->jq_head;
     mh->jq_head = mh->jq_tail = NULL;
+    mh->njobs = 0;
     while (mh->dirty && !stuck) { /* dirty entries hold references */
         client *c = mh->dirty;
         mh->dirty = c->dnext;
