@@ -38,7 +38,7 @@ PYTEST = $(PYTHON) -m pytest -q -p no:cacheprovider
 TESTS ?= tests
 
 .PHONY: all demo test deps clean hosts check check-asan check-valgrind \
-        check-portable check-warnings fuzz soak
+        check-portable check-warnings fuzz soak bench
 
 all: $(B)/libmanhole.a $(B)/libmanhole.so $(B)/demo/manhole-demo
 
@@ -106,6 +106,46 @@ check-warnings: deps
 	$(MAKE) B=build/clang CC=clang VARIANT_CFLAGS=-Werror all hosts
 	$(MAKE) B=build/clang-portable CC=clang VARIANT_CFLAGS="-Werror -DMANHOLE_PORTABLE" all hosts
 
+# ---- Fuzzing and soaking -------------------------------------------------
+
+FUZZ_TIME ?= 60
+FUZZ_FLAGS = -g -O1 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all
+build/fuzz/fuzz_framing: tests/fuzz/fuzz_framing.c manhole.c manhole.h
+	@mkdir -p build/fuzz/corpus
+	clang $(FUZZ_FLAGS) -std=c11 -Wno-unused-function $(PY_CFLAGS) -o $@ \
+	      tests/fuzz/fuzz_framing.c $(PY_LIBS) -lpthread
+
+# A bounded session; the corpus grows in build/fuzz/corpus.
+fuzz: deps
+	$(MAKE) build/fuzz/fuzz_framing
+	ASAN_OPTIONS=detect_leaks=0 build/fuzz/fuzz_framing -max_total_time=$(FUZZ_TIME) \
+	      -artifact_prefix=build/fuzz/ \
+	      -max_len=4096 -print_final_stats=1 build/fuzz/corpus tests/fuzz/seeds
+
+# ---- The benchmark (README, Performance) ---------------------------------
+
+BENCH = $(B)/bench/bench $(B)/bench/bench-host $(B)/bench/floor
+$(B)/bench/bench: bench/bench.c
+	@mkdir -p $(B)/bench
+	$(CC) -std=c11 $(OPTIMIZATION) $(DEBUG) $(WARNINGS) $(CFLAGS) -o $@ bench/bench.c -lpthread
+$(B)/bench/bench-host: bench/bench-host.c manhole.h $(B)/libmanhole.a
+	@mkdir -p $(B)/bench
+	$(CC) $(REAL_CFLAGS) $(REAL_LDFLAGS) -o $@ bench/bench-host.c $(B)/libmanhole.a $(LIBS)
+$(B)/bench/floor: bench/floor.c manhole.c manhole.h
+	@mkdir -p $(B)/bench
+	$(CC) $(REAL_CFLAGS) -Wno-unused-function $(REAL_LDFLAGS) -o $@ bench/floor.c $(LIBS)
+
+bench: deps
+	$(MAKE) all $(BENCH)
+	$(B)/bench/bench $(BENCH_ARGS)
+
+SOAK_SECONDS ?= 60
+SOAK_CLIENTS ?= 32
+soak: deps
+	$(MAKE) all hosts
+	$(PYTHON) tests/soak.py --seconds $(SOAK_SECONDS) --clients $(SOAK_CLIENTS)
+
 clean:
-	rm -f *.o *.a libmanhole.so* demo/manhole-demo tests/hosts/test-host
+	rm -f *.o *.a libmanhole.so* demo/manhole-demo tests/hosts/test-host bench/bench \
+	      bench/bench-host bench/floor
 	rm -rf build tests/__pycache__ .pytest_cache

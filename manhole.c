@@ -1318,7 +1318,11 @@ static void client_output(worker *w, client *c, const char *p, size_t n)
             break; /* nobody will read it */
         size_t pending = buf_used(&c->out) + c->tx_backlog;
         size_t room = pending < cap ? cap - pending : 0;
-        if (!w)
+        /* Only a running statement waits for room. Short texts written
+         * around it (prompts, reports, tracebacks) never make anyone wait:
+         * the host thread in non-threaded mode must not, nor the
+         * watchdog (w == NULL). */
+        if (!w || (w->is_host && !w->running))
             room = n;
         if (room == 0) {
             output_wait(w, c);
@@ -3578,7 +3582,8 @@ static void dispatch(manhole *mh, void *tag, unsigned ev)
         client_event((client *)tag, ev);
 }
 
-static void manhole_free(manhole *mh, int detached);
+enum { FREE_ALL, FREE_LEAVE, FREE_FORKED };
+static void manhole_free(manhole *mh, int how);
 
 /* The second half of every turn. Returns the poll status. */
 static int turn_finish(manhole *mh)
@@ -3917,35 +3922,51 @@ fail:
         snprintf(err, errlen, "%s", mh->errmsg);
     if (mh->lfd_unix >= 0 && mh->unix_path)
         unlink(mh->unix_path); /* ours, and nobody will ever answer it */
-    manhole_free(mh, 0);
+    manhole_free(mh, FREE_ALL);
     return rc;
 }
 
-/* Release descriptors and memory (no Python). */
-static void manhole_free(manhole *mh, int detached)
+/* Release descriptors and memory (no Python). FREE_LEAVE: threads left
+ * behind may still use the handle, so only the descriptors go (and the
+ * wake-up descriptor is disarmed first, so they never write to a number
+ * the host may reuse). FREE_FORKED: a child after fork(), where no other
+ * thread exists and a lock may have been copied held: descriptors only. */
+static void manhole_free(manhole *mh, int how)
 {
+    if (how == FREE_LEAVE) {
+        pthread_mutex_lock(&mh->lock);
+        int w = mh->wake_w, r = mh->wake_r;
+        mh->wake_w = mh->wake_r = -1;
+        pthread_mutex_unlock(&mh->lock);
+        if (r >= 0)
+            close(r);
+        if (w >= 0 && w != r)
+            close(w);
+    }
     while (mh->clients) {
         client *c = mh->clients;
         mh->clients = c->next;
         if (c->fd >= 0)
             close(c->fd);
-        if (!detached)
+        if (how == FREE_ALL)
             client_free(c);
     }
     if (mh->lfd_unix >= 0)
         close(mh->lfd_unix);
     if (mh->lfd_tcp >= 0)
         close(mh->lfd_tcp);
-    if (mh->wake_r >= 0)
-        close(mh->wake_r);
-    if (mh->wake_w >= 0 && mh->wake_w != mh->wake_r)
-        close(mh->wake_w);
+    if (how != FREE_LEAVE) {
+        if (mh->wake_r >= 0)
+            close(mh->wake_r);
+        if (mh->wake_w >= 0 && mh->wake_w != mh->wake_r)
+            close(mh->wake_w);
+    }
 #ifdef MH_HAVE_EPOLL
     if (mh->epfd >= 0)
         close(mh->epfd);
 #endif
-    if (detached)
-        return; /* a stuck thread may still look at the rest */
+    if (how != FREE_ALL)
+        return; /* the rest stays for whoever may still look at it */
     for (int i = 0; i < mh->logq_len; i++)
         free(mh->logq[(mh->logq_head + i) % LOGQ_MAX]);
     free(mh->pfds);
@@ -3976,7 +3997,7 @@ void manhole_close(manhole *mh)
         /* A child after fork(): the parent's threads and Python state are
          * not ours. Release our copies of the descriptors, nothing else
          * (the socket file stays the parent's). */
-        manhole_free(mh, 1);
+        manhole_free(mh, FREE_FORKED);
         return;
     }
     mh->in_callback++;
@@ -4032,27 +4053,34 @@ void manhole_close(manhole *mh)
     int stuck = mh->nthreads + (mh->wd_started && !mh->wd_exited);
     pthread_mutex_unlock(&mh->lock);
     log_flush(mh);
-    for (worker *w = mh->workers, *next; w; w = next) {
-        next = w->next;
-        if (w->exited) {
-            pthread_join(w->thread, NULL);
-            buf_free(&w->rec);
-            free(w);
-        } else {
-            pthread_detach(w->thread);
-        }
-    }
-    if (mh->wd_started) {
-        if (mh->wd_exited)
-            pthread_join(mh->wd_thread, NULL);
-        else
-            pthread_detach(mh->wd_thread);
-    }
     if (stuck) {
+        /* Something did not end in time: a statement in a call Python
+         * cannot interrupt, maybe holding the GIL. Leave it, and all it
+         * may touch (this handle, the workers, the Python objects), behind
+         * rather than wait for it or free memory under it. */
+        for (worker *w = mh->workers; w; w = w->next)
+            if (!w->exited)
+                pthread_detach(w->thread);
+        if (mh->wd_started && !mh->wd_exited)
+            pthread_detach(mh->wd_thread);
         LOG(mh, MANHOLE_LOG_WARNING,
             "%d thread(s) stuck in uninterruptible calls left behind", stuck);
         log_flush(mh);
+        if (lent)
+            PyEval_RestoreThread(lent);
+        mh->in_callback--;
+        manhole_free(mh, FREE_LEAVE);
+        return;
     }
+    for (worker *w = mh->workers, *next; w; w = next) {
+        next = w->next;
+        pthread_join(w->thread, NULL);
+        buf_free(&w->rec);
+        free(w);
+    }
+    mh->workers = NULL;
+    if (mh->wd_started)
+        pthread_join(mh->wd_thread, NULL);
     if (lent)
         PyEval_RestoreThread(lent);
 
@@ -4063,7 +4091,7 @@ void manhole_close(manhole *mh)
     client *jobs = mh->jq_head;
     mh->jq_head = mh->jq_tail = NULL;
     mh->njobs = 0;
-    while (mh->dirty && !stuck) { /* dirty entries hold references */
+    while (mh->dirty) { /* dirty entries hold references */
         client *c = mh->dirty;
         mh->dirty = c->dnext;
         c->dirty = 0;
@@ -4073,12 +4101,11 @@ void manhole_close(manhole *mh)
     while (jobs) {
         client *c = jobs;
         jobs = c->jnext;
-        if (c->has_session && !stuck)
+        if (c->has_session)
             session_close(c);
         pthread_mutex_lock(&mh->lock);
         c->queued = 0;
-        if (!stuck)
-            client_unref_locked(c);
+        client_unref_locked(c);
         pthread_mutex_unlock(&mh->lock);
     }
     ((CoreObject *)mh->core)->mh = NULL;
@@ -4088,8 +4115,7 @@ void manhole_close(manhole *mh)
     Py_CLEAR(mh->ns_type);
     Py_CLEAR(mh->compiler_cls);
     PyThreadState *main_ts = NULL;
-    int finalize = support_release(&main_ts) && !stuck;
-    if (finalize) {
+    if (support_release(&main_ts)) {
         if (PyThreadState_Get() != main_ts) {
             PyGILState_Release(g);
             PyEval_RestoreThread(main_ts);
@@ -4099,7 +4125,7 @@ void manhole_close(manhole *mh)
         PyGILState_Release(g);
     }
     mh->in_callback--;
-    manhole_free(mh, stuck);
+    manhole_free(mh, FREE_ALL);
 }
 
 const char *manhole_errmsg(const manhole *mh)
@@ -4263,6 +4289,16 @@ int manhole_fd(manhole *mh)
 #else
     return set_err(mh, MANHOLE_ENOTSUP, "this build has no epoll");
 #endif
+}
+
+int manhole_wakeup(manhole *mh)
+{
+    if (!mh)
+        return MANHOLE_EINVAL;
+    pthread_mutex_lock(&mh->lock);
+    wake_host_locked(mh);
+    pthread_mutex_unlock(&mh->lock);
+    return MANHOLE_OK;
 }
 
 int manhole_exit_status(const manhole *mh) { return mh ? mh->exit_status : 0; }

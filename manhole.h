@@ -34,10 +34,10 @@ extern "C" {
 /* ---- Version -------------------------------------------------------- */
 
 #define MANHOLE_VERSION_MAJOR 0
-#define MANHOLE_VERSION_MINOR 1
+#define MANHOLE_VERSION_MINOR 2
 #define MANHOLE_VERSION_PATCH 0
-#define MANHOLE_VERSION_STRING "0.1.0"
-/* One comparable number: 0xMMmmpp (0.1.0 is 0x000100). */
+#define MANHOLE_VERSION_STRING "0.2.0"
+/* One comparable number: 0xMMmmpp (0.2.0 is 0x000200). */
 #define MANHOLE_VERSION_NUMBER                                                 \
     ((MANHOLE_VERSION_MAJOR << 16) | (MANHOLE_VERSION_MINOR << 8) |            \
      MANHOLE_VERSION_PATCH)
@@ -48,7 +48,7 @@ extern "C" {
 #define MANHOLE_API
 #endif
 
-/* The version of the library actually linked, e.g. "0.1.0". Any thread. */
+/* The version of the library actually linked, e.g. "0.2.0". Any thread. */
 MANHOLE_API const char *manhole_version(void);
 /* MANHOLE_VERSION_NUMBER of the library actually linked. Any thread. */
 MANHOLE_API int manhole_version_number(void);
@@ -201,6 +201,12 @@ MANHOLE_API int manhole_pollfds(manhole *mh, struct pollfd *fds, int nfds);
  * manhole_poll(mh, 0) when it fires. Returns the descriptor, or
  * MANHOLE_ENOTSUP where the build has no epoll. Host thread. */
 MANHOLE_API int manhole_fd(manhole *mh);
+
+/* Make a manhole_poll() that is waiting (or the next one) return at once,
+ * and a host sleeping on manhole_fd()/the fd-set descriptors wake up. For
+ * hosts whose only wait is manhole_poll() and that have another thread
+ * with news for the loop. Any thread; not from a signal handler. */
+MANHOLE_API int manhole_wakeup(manhole *mh);
 
 /* The status a client passed to sys.exit() (0 for sys.exit() or
  * sys.exit(None), 1 for a non-integer argument), valid after MANHOLE_EXIT.

@@ -118,3 +118,17 @@ def test_close_leaves_socket_file(start, sockdir):
     assert p.stop() == 0
     assert os.path.exists(sockdir / "s")
     assert "closed after" in p.out
+
+
+def test_close_leaves_uninterruptible_statement_behind(start):
+    """manhole_close() gives a statement Python cannot interrupt one second,
+    then returns and leaves its thread behind; the host goes on."""
+    p = start(HOST, "--timeout", "0", "--shared")
+    b = p.client()
+    b.cmd("started = False")
+    c = p.client()
+    c.send("import time; started = True; time.sleep(600)\n")
+    wait_true(lambda: b.cmd("started") == "True\n", what="statement started")
+    assert p.stop() == 0
+    assert "stuck in uninterruptible calls left behind" in p.err
+    assert "closed after" in p.out

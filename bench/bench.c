@@ -1,0 +1,670 @@
+/*
+ * bench: the manhole measured against its physical floor (`make bench`).
+ *
+ * Everything runs in one go on this machine, so every speed is also given
+ * as a ratio to a floor measured in the same run:
+ *  - the floor: a raw UNIX-socket echo round trip between this client and
+ *    a trivial C echo server, and the in-process cost of one `1+1` through
+ *    the library's own compile/run path (bench/floor);
+ *  - `1+1` round trips, threaded and non-threaded;
+ *  - statements per second with 1, 10, 100, 500 clients in lock-step, every
+ *    reply checked (a lost or misrouted byte fails the benchmark);
+ *  - bulk output, 50 MB in lines, against raw socket throughput;
+ *  - the idle cost of manhole_poll(mh, 0), and select() wake-ups of an
+ *    idle fd-set host with 100 idle clients;
+ *  - the host loop's turn while 10 clients burn CPU in Python;
+ *  - RSS per idle client and connects per second.
+ *
+ *   bench [--quick]      (run from the build directory's bench/)
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/resource.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+static char bin_dir[PATH_MAX];
+static char tmp_dir[64];
+static int quick;
+static int failures;
+
+static double now_s(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+static void die(const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    fprintf(stderr, "bench: ");
+    vfprintf(stderr, fmt, ap);
+    fprintf(stderr, "\n");
+    va_end(ap);
+    exit(1);
+}
+
+static int cmp_d(const void *a, const void *b)
+{
+    double x = *(const double *)a, y = *(const double *)b;
+    return x < y ? -1 : x > y;
+}
+
+typedef struct {
+    double med, p99, min, max;
+} stat_t;
+
+static stat_t stats_of(double *v, size_t n)
+{
+    qsort(v, n, sizeof *v, cmp_d);
+    stat_t s = {v[n / 2], v[n * 99 / 100], v[0], v[n - 1]};
+    return s;
+}
+
+/* ---- The table -------------------------------------------------------- */
+
+#define MAX_ROWS 64
+static struct {
+    char what[64], value[24], spread[24], ratio[28], target[20], verdict[8];
+} rows[MAX_ROWS];
+static int nrows;
+
+static void row(const char *what, const char *value, const char *spread,
+                const char *ratio, const char *target, int ok)
+{
+    if (nrows == MAX_ROWS)
+        return;
+    snprintf(rows[nrows].what, sizeof rows[0].what, "%s", what);
+    snprintf(rows[nrows].value, sizeof rows[0].value, "%s", value);
+    snprintf(rows[nrows].spread, sizeof rows[0].spread, "%s", spread);
+    snprintf(rows[nrows].ratio, sizeof rows[0].ratio, "%s", ratio);
+    snprintf(rows[nrows].target, sizeof rows[0].target, "%s", target);
+    snprintf(rows[nrows].verdict, sizeof rows[0].verdict, "%s",
+             !target[0] ? "" : ok ? "ok" : "MISS");
+    nrows++;
+    fprintf(stderr, "  %-46s %12s %14s %16s\n", what, value, spread, ratio);
+}
+
+static char *fmt(char *buf, size_t n, const char *f, ...)
+{
+    va_list ap;
+    va_start(ap, f);
+    vsnprintf(buf, n, f, ap);
+    va_end(ap);
+    return buf;
+}
+
+/* ---- Sockets ---------------------------------------------------------- */
+
+static int connect_unix(const char *path)
+{
+    struct sockaddr_un sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sun_family = AF_UNIX;
+    if (strlen(path) >= sizeof sa.sun_path)
+        die("path too long: %s", path);
+    memcpy(sa.sun_path, path, strlen(path) + 1);
+    int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd < 0)
+        die("socket: %s", strerror(errno));
+    if (connect(fd, (struct sockaddr *)&sa, sizeof sa) < 0) {
+        close(fd);
+        return -1;
+    }
+    return fd;
+}
+
+static void write_all(int fd, const char *p, size_t n)
+{
+    while (n) {
+        ssize_t r = write(fd, p, n);
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r <= 0)
+            die("write: %s", strerror(errno));
+        p += r;
+        n -= (size_t)r;
+    }
+}
+
+/* Read until the data ends with ">>> "; return the length. */
+static size_t read_prompt(int fd, char *buf, size_t cap)
+{
+    size_t len = 0;
+    for (;;) {
+        ssize_t r = read(fd, buf + len, cap - len);
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r <= 0)
+            die("read: %s", r ? strerror(errno) : "connection closed");
+        len += (size_t)r;
+        if (len >= 4 && memcmp(buf + len - 4, ">>> ", 4) == 0)
+            return len;
+        if (len == cap)
+            die("reply too long");
+    }
+}
+
+/* ---- Processes -------------------------------------------------------- */
+
+typedef struct {
+    pid_t pid;
+    int in;
+    FILE *out;
+} proc_t;
+
+static proc_t start_host(const char *path, const char *mode, const char *timeout)
+{
+    int pin[2], pout[2];
+    if (pipe(pin) < 0 || pipe(pout) < 0)
+        die("pipe: %s", strerror(errno));
+    proc_t p;
+    p.pid = fork();
+    if (p.pid == 0) {
+        dup2(pin[0], 0);
+        dup2(pout[1], 1);
+        close(pin[1]);
+        close(pout[0]);
+        char exe[PATH_MAX + 32];
+        snprintf(exe, sizeof exe, "%s/bench-host", bin_dir);
+        execl(exe, exe, path, mode, timeout, (char *)NULL);
+        _exit(127);
+    }
+    close(pin[0]);
+    close(pout[1]);
+    p.in = pin[1];
+    p.out = fdopen(pout[0], "r");
+    char line[64];
+    if (!fgets(line, sizeof line, p.out) || strcmp(line, "ready\n") != 0)
+        die("bench-host did not start");
+    return p;
+}
+
+static void host_cmd(proc_t *p, const char *cmd, char *out, size_t n)
+{
+    write_all(p->in, cmd, strlen(cmd));
+    write_all(p->in, "\n", 1);
+    if (!fgets(out, (int)n, p->out))
+        die("bench-host: no answer to %s", cmd);
+}
+
+static void stop_host(proc_t *p)
+{
+    write_all(p->in, "quit\n", 5);
+    close(p->in);
+    fclose(p->out);
+    int st;
+    waitpid(p->pid, &st, 0);
+}
+
+/* The floor's echo server: one connection at a time, echoes what it
+ * reads; "bulk\n" makes it send 50 MB instead. */
+#define BULK_BYTES 50000000L
+
+static pid_t start_echo(const char *path)
+{
+    unlink(path);
+    int lfd = socket(AF_UNIX, SOCK_STREAM, 0);
+    struct sockaddr_un sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sun_family = AF_UNIX;
+    memcpy(sa.sun_path, path, strlen(path) + 1);
+    if (bind(lfd, (struct sockaddr *)&sa, sizeof sa) < 0 || listen(lfd, 16) < 0)
+        die("echo bind: %s", strerror(errno));
+    pid_t pid = fork();
+    if (pid == 0) {
+        static char buf[1 << 20];
+        for (;;) {
+            int fd = accept(lfd, NULL, NULL);
+            if (fd < 0)
+                _exit(0);
+            for (;;) {
+                ssize_t r = read(fd, buf, sizeof buf);
+                if (r <= 0)
+                    break;
+                if (r == 5 && memcmp(buf, "bulk\n", 5) == 0) {
+                    memset(buf, 'x', sizeof buf);
+                    for (long sent = 0; sent < BULK_BYTES;) {
+                        long k = BULK_BYTES - sent < (long)sizeof buf ? BULK_BYTES - sent
+                                                                      : (long)sizeof buf;
+                        ssize_t w = write(fd, buf, (size_t)k);
+                        if (w <= 0)
+                            break;
+                        sent += w;
+                    }
+                } else if (write(fd, buf, (size_t)r) != r) {
+                    break;
+                }
+            }
+            close(fd);
+        }
+    }
+    close(lfd);
+    return pid;
+}
+
+/* ---- Measurements ----------------------------------------------------- */
+
+static stat_t echo_rtt(const char *path, int n)
+{
+    int fd = connect_unix(path);
+    double *t = malloc((size_t)n * sizeof *t);
+    char buf[16];
+    for (int i = -n / 10; i < n; i++) {
+        double t0 = now_s();
+        write_all(fd, "1+1\n", 4);
+        size_t got = 0;
+        while (got < 4) {
+            ssize_t r = read(fd, buf + got, 4 - got);
+            if (r <= 0)
+                die("echo read");
+            got += (size_t)r;
+        }
+        if (i >= 0)
+            t[i] = (now_s() - t0) * 1e6;
+    }
+    close(fd);
+    stat_t s = stats_of(t, (size_t)n);
+    free(t);
+    return s;
+}
+
+static double raw_bulk(const char *path)
+{
+    int fd = connect_unix(path);
+    static char buf[1 << 20];
+    double t0 = now_s();
+    write_all(fd, "bulk\n", 5);
+    long got = 0;
+    while (got < BULK_BYTES) {
+        ssize_t r = read(fd, buf, sizeof buf);
+        if (r <= 0)
+            die("bulk read");
+        got += r;
+    }
+    double t = now_s() - t0;
+    close(fd);
+    return (double)BULK_BYTES / 1e6 / t;
+}
+
+static stat_t manhole_rtt(const char *path, int n)
+{
+    int fd = connect_unix(path);
+    char buf[256];
+    read_prompt(fd, buf, sizeof buf);
+    double *t = malloc((size_t)n * sizeof *t);
+    for (int i = -n / 10; i < n; i++) {
+        double t0 = now_s();
+        write_all(fd, "1+1\n", 4);
+        size_t len = read_prompt(fd, buf, sizeof buf);
+        if (len != 6 || memcmp(buf, "2\n>>> ", 6) != 0)
+            die("wrong reply to 1+1: %.*s", (int)len, buf);
+        if (i >= 0)
+            t[i] = (now_s() - t0) * 1e6;
+    }
+    close(fd);
+    stat_t s = stats_of(t, (size_t)n);
+    free(t);
+    return s;
+}
+
+/* Lock-step clients: each sends "a+b", checks the sum, sends the next. */
+typedef struct {
+    int fd;
+    long a, b;
+    char buf[64];
+    size_t len;
+} lclient;
+
+static double lockstep(const char *path, int n, double seconds, double *connects_per_s)
+{
+    lclient *cl = calloc((size_t)n, sizeof *cl);
+    int ep = epoll_create1(EPOLL_CLOEXEC);
+    double c0 = now_s();
+    for (int i = 0; i < n; i++) {
+        cl[i].fd = connect_unix(path);
+        if (cl[i].fd < 0)
+            die("connect %d: %s", i, strerror(errno));
+        char g[64];
+        read_prompt(cl[i].fd, g, sizeof g);
+    }
+    if (connects_per_s)
+        *connects_per_s = n / (now_s() - c0);
+    for (int i = 0; i < n; i++) {
+        struct epoll_event e = {EPOLLIN, {.ptr = &cl[i]}};
+        epoll_ctl(ep, EPOLL_CTL_ADD, cl[i].fd, &e);
+    }
+    char line[64];
+    for (int i = 0; i < n; i++) {
+        cl[i].a = i;
+        cl[i].b = 1;
+        int k = snprintf(line, sizeof line, "%ld+%ld\n", cl[i].a, cl[i].b);
+        write_all(cl[i].fd, line, (size_t)k);
+    }
+    long done = 0, outstanding = n;
+    double warm_end = now_s() + (quick ? 0.1 : 0.3), t0 = 0, end = 0;
+    int measuring = 0, stopping = 0;
+    struct epoll_event evs[256];
+    while (outstanding > 0) {
+        int k = epoll_wait(ep, evs, 256, 10000);
+        if (k <= 0)
+            die("lock-step: no reply for 10 s (%ld outstanding)", outstanding);
+        double now = now_s();
+        if (!measuring && now >= warm_end) {
+            measuring = 1;
+            t0 = now;
+            end = now + seconds;
+            done = 0;
+        }
+        if (measuring && !stopping && now >= end)
+            stopping = 1;
+        for (int j = 0; j < k; j++) {
+            lclient *c = evs[j].data.ptr;
+            ssize_t r = read(c->fd, c->buf + c->len, sizeof c->buf - c->len);
+            if (r <= 0)
+                die("lock-step read: %s", r ? strerror(errno) : "closed");
+            c->len += (size_t)r;
+            if (c->len < 4 || memcmp(c->buf + c->len - 4, ">>> ", 4) != 0) {
+                if (c->len == sizeof c->buf)
+                    die("lock-step: reply too long");
+                continue;
+            }
+            char want[48];
+            int wl = snprintf(want, sizeof want, "%ld\n>>> ", c->a + c->b);
+            if ((size_t)wl != c->len || memcmp(want, c->buf, c->len) != 0)
+                die("lock-step: wrong reply %.*s for %ld+%ld", (int)c->len, c->buf, c->a, c->b);
+            c->len = 0;
+            done++;
+            outstanding--;
+            if (!stopping) {
+                c->b++;
+                int l = snprintf(line, sizeof line, "%ld+%ld\n", c->a, c->b);
+                write_all(c->fd, line, (size_t)l);
+                outstanding++;
+            }
+        }
+    }
+    double rate = done / (now_s() - t0);
+    for (int i = 0; i < n; i++)
+        close(cl[i].fd);
+    close(ep);
+    free(cl);
+    return rate;
+}
+
+static double manhole_bulk(const char *path, const char *stmt)
+{
+    int fd = connect_unix(path);
+    static char buf[1 << 20];
+    read_prompt(fd, buf, 64);
+    const char *setup = "import sys; s = ('x' * 99 + '\\n') * 10000\n";
+    write_all(fd, setup, strlen(setup));
+    read_prompt(fd, buf, 64);
+    double t0 = now_s();
+    write_all(fd, stmt, strlen(stmt));
+    long got = 0;
+    char tail[4] = {0};
+    for (;;) {
+        ssize_t r = read(fd, buf, sizeof buf);
+        if (r <= 0)
+            die("bulk read");
+        got += r;
+        if (r >= 4)
+            memcpy(tail, buf + r - 4, 4);
+        else {
+            memmove(tail, tail + r, (size_t)(4 - r));
+            memcpy(tail + 4 - r, buf, (size_t)r);
+        }
+        if (got >= BULK_BYTES + 4 && memcmp(tail, ">>> ", 4) == 0)
+            break;
+    }
+    double t = now_s() - t0;
+    if (got != BULK_BYTES + 4)
+        die("bulk: got %ld bytes, expected %ld", got, BULK_BYTES + 4);
+    close(fd);
+    return (double)BULK_BYTES / 1e6 / t;
+}
+
+/* CPU burners for the host-turn measurement. */
+static volatile int burn_stop;
+
+static void *burners(void *arg)
+{
+    const char *path = arg;
+    enum { N = 10 };
+    int fds[N];
+    char buf[512];
+    const char *stmt = "while True:\n    x = 1\n\n";
+    for (int i = 0; i < N; i++) {
+        fds[i] = connect_unix(path);
+        read_prompt(fds[i], buf, sizeof buf);
+        write_all(fds[i], stmt, strlen(stmt));
+    }
+    while (!burn_stop) {
+        for (int i = 0; i < N; i++) {
+            /* after each TimeoutError and prompt, burn again */
+            char b[512];
+            ssize_t r = recv(fds[i], b, sizeof b, MSG_DONTWAIT);
+            if (r > 4 && memcmp(b + r - 4, ">>> ", 4) == 0)
+                write_all(fds[i], stmt, strlen(stmt));
+        }
+        usleep(20000); /* the burners' own pace; not part of any figure */
+    }
+    for (int i = 0; i < N; i++)
+        close(fds[i]);
+    return NULL;
+}
+
+static long rss_of(proc_t *h)
+{
+    char line[64];
+    host_cmd(h, "rss", line, sizeof line);
+    return atol(line + 4);
+}
+
+/* ---- main ------------------------------------------------------------- */
+
+int main(int argc, char **argv)
+{
+    quick = argc > 1 && !strcmp(argv[1], "--quick");
+    signal(SIGPIPE, SIG_IGN);
+    struct rlimit rl;
+    if (getrlimit(RLIMIT_NOFILE, &rl) == 0) {
+        rl.rlim_cur = rl.rlim_max;
+        setrlimit(RLIMIT_NOFILE, &rl);
+    }
+    if (!realpath(argv[0], bin_dir))
+        die("realpath");
+    *strrchr(bin_dir, '/') = 0;
+    snprintf(tmp_dir, sizeof tmp_dir, "/tmp/mhbenchXXXXXX");
+    if (!mkdtemp(tmp_dir))
+        die("mkdtemp");
+    char echo_path[128], path[128], buf[256];
+    snprintf(echo_path, sizeof echo_path, "%s/echo", tmp_dir);
+    int n_rtt = quick ? 2000 : 20000;
+    double tp_secs = quick ? 0.5 : 2.0;
+    char v[32], sp[40], ra[40];
+
+    fprintf(stderr, "measuring (this takes a couple of minutes)...\n");
+
+    /* 1. The floor. */
+    pid_t echo = start_echo(echo_path);
+    stat_t echo_s = echo_rtt(echo_path, n_rtt);
+    double raw_mbs[3];
+    for (int i = 0; i < 3; i++)
+        raw_mbs[i] = raw_bulk(echo_path);
+    qsort(raw_mbs, 3, sizeof raw_mbs[0], cmp_d);
+    kill(echo, SIGTERM);
+    waitpid(echo, NULL, 0);
+
+    char cmd[PATH_MAX + 64];
+    snprintf(cmd, sizeof cmd, "%s/floor %d", bin_dir, n_rtt);
+    FILE *f = popen(cmd, "r");
+    double fl_med = 0, fl_p99 = 0;
+    if (!f || fscanf(f, "floor %lf %lf", &fl_med, &fl_p99) != 2)
+        die("floor failed");
+    pclose(f);
+    double floor_rtt = echo_s.med + fl_med;
+    row("floor: echo round trip, UNIX socket", fmt(v, sizeof v, "%.1f us", echo_s.med),
+        fmt(sp, sizeof sp, "p99 %.1f us", echo_s.p99), "", "", 1);
+    row("floor: compile+run 1+1 in process", fmt(v, sizeof v, "%.1f us", fl_med),
+        fmt(sp, sizeof sp, "p99 %.1f us", fl_p99), "", "", 1);
+    row("floor: sum (the round-trip floor)", fmt(v, sizeof v, "%.1f us", floor_rtt), "", "", "",
+        1);
+
+    /* 2. and 3. Round trips and lock-step throughput, both modes. */
+    const char *modes[2] = {"nonthreaded", "threaded"};
+    double tp1[2] = {0, 0}, connects = 0;
+    for (int m = 0; m < 2; m++) {
+        snprintf(path, sizeof path, "%s/%s", tmp_dir, modes[m]);
+        proc_t h = start_host(path, modes[m], "30");
+        stat_t s = manhole_rtt(path, n_rtt);
+        double lim = m ? 2.0 : 1.5;
+        char name[64];
+        snprintf(name, sizeof name, "1+1 round trip, %s", modes[m]);
+        row(name, fmt(v, sizeof v, "%.1f us", s.med), fmt(sp, sizeof sp, "p99 %.1f us", s.p99),
+            fmt(ra, sizeof ra, "%.2fx floor", s.med / floor_rtt),
+            m ? "<= 2x floor" : "<= 1.5x floor", s.med / floor_rtt <= lim);
+        int counts[4] = {1, 10, 100, 500};
+        for (int k = 0; k < 4; k++) {
+            double rate = lockstep(path, counts[k], tp_secs, k == 3 && m == 1 ? &connects : NULL);
+            if (k == 0)
+                tp1[m] = rate;
+            snprintf(name, sizeof name, "statements/s, %d client%s lock-step, %s", counts[k],
+                     counts[k] > 1 ? "s" : "", modes[m]);
+            const char *target = k == 1 ? ">= 5x 1 client" : k == 3 ? "all correct" : "";
+            int ok = k == 1 ? rate >= 5 * tp1[m] : 1;
+            if (k == 1)
+                snprintf(ra, sizeof ra, "%.1fx 1 client", rate / tp1[m]);
+            else
+                snprintf(ra, sizeof ra, "%.2fx floor", rate * fl_med / 1e6);
+            row(name, fmt(v, sizeof v, "%.0f", rate), "", ra, target, ok);
+        }
+        if (m == 1) {
+            /* 4. Bulk output through a threaded host. */
+            double mb[3], ml[3];
+            for (int i = 0; i < 3; i++)
+                mb[i] = manhole_bulk(path, "_ = [sys.stdout.write(s) for i in range(50)]\n");
+            for (int i = 0; i < (quick ? 1 : 3); i++)
+                ml[i] = manhole_bulk(path, "_ = [print('x' * 99) for i in range(500000)]\n");
+            qsort(mb, 3, sizeof mb[0], cmp_d);
+            qsort(ml, quick ? 1 : 3, sizeof ml[0], cmp_d);
+            row("raw socket throughput (floor)", fmt(v, sizeof v, "%.0f MB/s", raw_mbs[1]),
+                fmt(sp, sizeof sp, "min %.0f max %.0f", raw_mbs[0], raw_mbs[2]), "", "", 1);
+            row("bulk output, 50 MB in 1 MB writes", fmt(v, sizeof v, "%.0f MB/s", mb[1]),
+                fmt(sp, sizeof sp, "min %.0f max %.0f", mb[0], mb[2]),
+                fmt(ra, sizeof ra, "%.0f%% of raw", 100 * mb[1] / raw_mbs[1]), ">= 50% of raw",
+                mb[1] >= 0.5 * raw_mbs[1]);
+            row("bulk output, 50 MB as 500k print() lines",
+                fmt(v, sizeof v, "%.0f MB/s", ml[quick ? 0 : 1]), "",
+                fmt(ra, sizeof ra, "%.0f%% of raw", 100 * ml[quick ? 0 : 1] / raw_mbs[1]), "", 1);
+
+            /* 5. Idle costs. */
+            host_cmd(&h, "syscall 1000000", buf, sizeof buf);
+            double sys_ns = atof(buf + 3);
+            host_cmd(&h, quick ? "idle 200000" : "idle 2000000", buf, sizeof buf);
+            double idle0 = atof(buf + 3);
+            int idle_fds[100];
+            for (int i = 0; i < 100; i++) {
+                idle_fds[i] = connect_unix(path);
+                read_prompt(idle_fds[i], buf, sizeof buf);
+            }
+            host_cmd(&h, quick ? "idle 200000" : "idle 2000000", buf, sizeof buf);
+            double idle100 = atof(buf + 3);
+            host_cmd(&h, quick ? "wakeups 1" : "wakeups 5", buf, sizeof buf);
+            long wakeups = atol(buf + 8);
+            row("floor: epoll_wait(0) on an empty set", fmt(v, sizeof v, "%.0f ns", sys_ns), "", "",
+                "", 1);
+            row("manhole_poll(mh, 0), no clients", fmt(v, sizeof v, "%.0f ns", idle0), "",
+                fmt(ra, sizeof ra, "%.2fx floor", idle0 / sys_ns), "<= 1 us", idle0 <= 1000);
+            row("manhole_poll(mh, 0), 100 idle clients", fmt(v, sizeof v, "%.0f ns", idle100), "",
+                fmt(ra, sizeof ra, "%.2fx floor", idle100 / sys_ns), "", 1);
+            row(quick ? "select() wake-ups in 1 s, 100 idle clients"
+                      : "select() wake-ups in 5 s, 100 idle clients",
+                fmt(v, sizeof v, "%ld", wakeups), "", "", "0", wakeups == 0);
+            for (int i = 0; i < 100; i++)
+                close(idle_fds[i]);
+        }
+        stop_host(&h);
+    }
+
+    /* 6. The host loop while 10 clients burn CPU (threaded, 1 s timeout). */
+    snprintf(path, sizeof path, "%s/burn", tmp_dir);
+    {
+        proc_t h = start_host(path, "threaded", "1");
+        pthread_t t;
+        burn_stop = 0;
+        pthread_create(&t, NULL, burners, path);
+        host_cmd(&h, "rss", buf, sizeof buf); /* let the burners connect */
+        host_cmd(&h, quick ? "turns 1" : "turns 5", buf, sizeof buf);
+        burn_stop = 1;
+        pthread_join(t, NULL);
+        long turns = 0;
+        double p50 = 0, p99 = 0, mx = 0, lp99 = 0, lmax = 0;
+        sscanf(buf, "turns %ld p50 %lf p99 %lf max %lf late-p99 %lf late-max %lf", &turns, &p50,
+               &p99, &mx, &lp99, &lmax);
+        row("host turn in manhole, 10 clients burning CPU", fmt(v, sizeof v, "%.1f us", p50),
+            fmt(sp, sizeof sp, "p99 %.1f max %.0f us", p99, mx), "", "p99 <= 1 ms", p99 <= 1000);
+        row("host 1 ms timer lateness, same load", fmt(v, sizeof v, "p99 %.0f us", lp99),
+            fmt(sp, sizeof sp, "max %.0f us", lmax), "", "p99 <= 1 ms", lp99 <= 1000);
+        stop_host(&h);
+    }
+
+    /* 7. Memory per idle client; connects per second. */
+    snprintf(path, sizeof path, "%s/mem", tmp_dir);
+    {
+        proc_t h = start_host(path, "threaded", "5");
+        int *fds = calloc(500, sizeof *fds);
+        long base = rss_of(&h);
+        int at = 0, marks[3] = {1, 100, 500};
+        for (int k = 0; k < 3; k++) {
+            for (; at < marks[k]; at++) {
+                fds[at] = connect_unix(path);
+                read_prompt(fds[at], buf, sizeof buf);
+            }
+            long r = rss_of(&h);
+            double per = (double)(r - base) / marks[k];
+            char name[64];
+            snprintf(name, sizeof name, "RSS per idle client, %d client%s", marks[k],
+                     marks[k] > 1 ? "s" : "");
+            row(name, fmt(v, sizeof v, "%.1f KiB", per < 0 ? 0 : per), "", "", "<= 64 KiB",
+                per <= 64);
+        }
+        for (int i = 0; i < 500; i++)
+            close(fds[i]);
+        free(fds);
+        stop_host(&h);
+        row("connects/s (banner and prompt received)", fmt(v, sizeof v, "%.0f", connects), "",
+            "", "", 1);
+    }
+
+    /* The table. */
+    printf("%-46s %12s %22s %18s %16s %s\n", "measure", "value", "spread", "ratio", "target", "");
+    for (int i = 0; i < nrows; i++) {
+        printf("%-46s %12s %22s %18s %16s %s\n", rows[i].what, rows[i].value, rows[i].spread,
+               rows[i].ratio, rows[i].target, rows[i].verdict);
+        if (!strcmp(rows[i].verdict, "MISS"))
+            failures++;
+    }
+    printf("%d target(s) missed\n", failures);
+    char rm[128];
+    snprintf(rm, sizeof rm, "rm -rf %s", tmp_dir);
+    if (system(rm) != 0)
+        fprintf(stderr, "bench: could not remove %s\n", tmp_dir);
+    return 0;
+}

@@ -1,0 +1,67 @@
+/*
+ * floor: the in-process cost of one `1+1` statement through the library's
+ * own path (session_line: codeop compile, eval, display hook, prompt, the
+ * output buffer), with the GIL taken and released per statement as a
+ * worker does. No sockets, no other thread. It includes manhole.c to call
+ * its internals.
+ *
+ *   floor N   prints "floor median_us p99_us"
+ */
+#include "../manhole.c"
+
+static int cmp_d(const void *a, const void *b)
+{
+    double x = *(const double *)a, y = *(const double *)b;
+    return x < y ? -1 : x > y;
+}
+
+int main(int argc, char **argv)
+{
+    long n = argc > 1 ? atol(argv[1]) : 20000;
+    manhole *mh = calloc(1, sizeof *mh);
+    manhole_config_init(&mh->cfg);
+    mh->cfg.timeout = 5; /* as the library runs: the watchdog watches */
+    mh->wake_r = mh->wake_w = mh->lfd_unix = mh->lfd_tcp = -1;
+    pthread_mutex_init(&mh->lock, NULL);
+    pthread_cond_init(&mh->work_cv, NULL);
+    pthread_cond_init(&mh->wd_cv, NULL);
+    pthread_cond_init(&mh->gone_cv, NULL);
+    pthread_cond_init(&mh->hc_cv, NULL);
+    mh->hostw.mh = mh;
+    mh->hostw.is_host = 1;
+    pthread_once(&fork_once, fork_init);
+    mh->fork_gen = fork_generation;
+    if (py_open(mh) != MANHOLE_OK) {
+        fprintf(stderr, "floor: %s\n", mh->errmsg);
+        return 1;
+    }
+    client *c = calloc(1, sizeof *c);
+    c->mh = mh;
+    c->refs = 1;
+    pthread_cond_init(&c->cv, NULL);
+    worker *w = calloc(1, sizeof *w);
+    w->mh = mh;
+    w->py_tid = PyThread_get_thread_ident();
+    tl_worker = w;
+    PyThreadState *ts = mh->main_ts;
+    double *t = malloc((size_t)n * sizeof *t);
+    for (long i = -n / 10; i < n; i++) {
+        double t0 = now_mono();
+        PyEval_RestoreThread(ts);
+        session_line(w, c, "1+1", 3, 1);
+        ts = PyEval_SaveThread();
+        double t1 = now_mono();
+        pthread_mutex_lock(&mh->lock);
+        if (i == 0 && strncmp(c->out.p + c->out.head, "2\n>>> ", 6) != 0) {
+            fprintf(stderr, "floor: unexpected output\n");
+            return 1;
+        }
+        buf_clear(&c->out);
+        pthread_mutex_unlock(&mh->lock);
+        if (i >= 0)
+            t[i] = (t1 - t0) * 1e6;
+    }
+    qsort(t, (size_t)n, sizeof *t, cmp_d);
+    printf("floor %.2f %.2f\n", t[n / 2], t[n * 99 / 100]);
+    return 0;
+}
