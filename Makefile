@@ -31,14 +31,24 @@ VERSION := $(shell sed -n 's/^\#define MANHOLE_VERSION_STRING "\(.*\)"/\1/p' man
 MAJOR := $(shell sed -n 's/^\#define MANHOLE_VERSION_MAJOR \([0-9]*\)/\1/p' manhole.h)
 SONAME = libmanhole.so.$(MAJOR)
 
+# Installation (make install PREFIX=... DESTDIR=...).
+PREFIX ?= /usr/local
+INCLUDEDIR ?= $(PREFIX)/include
+LIBDIR ?= $(PREFIX)/lib
+BINDIR ?= $(PREFIX)/bin
+MANDIR ?= $(PREFIX)/share/man
+PKGCONFIGDIR ?= $(LIBDIR)/pkgconfig
+
 # Build directory: `.` for the normal build, build/<variant> for the others.
 B ?= .
 HOSTS = $(B)/tests/hosts/test-host
+EXAMPLES = $(B)/examples/select-host $(B)/examples/poll-host $(B)/examples/libevent-host \
+           $(B)/examples/libuv-host
 PYTEST = $(PYTHON) -m pytest -q -p no:cacheprovider
 TESTS ?= tests
 
 .PHONY: all demo test deps clean hosts check check-asan check-valgrind \
-        check-portable check-warnings fuzz soak bench
+        check-portable check-warnings fuzz soak bench bench-bins install uninstall examples
 
 all: $(B)/libmanhole.a $(B)/libmanhole.so $(B)/demo/manhole-demo
 
@@ -66,6 +76,56 @@ $(B)/tests/hosts/%: tests/hosts/%.c manhole.h $(B)/libmanhole.a
 
 hosts: $(HOSTS)
 
+# Examples build as a user's program would: against the header and the
+# library, with -I. standing in for the installed include directory.
+EXAMPLE_CFLAGS = -std=c11 $(OPTIMIZATION) $(DEBUG) $(WARNINGS) -I. $(VARIANT_CFLAGS) $(CFLAGS)
+$(B)/examples/select-host $(B)/examples/poll-host: $(B)/examples/%: examples/%.c manhole.h $(B)/libmanhole.a
+	@mkdir -p $(B)/examples
+	$(CC) $(EXAMPLE_CFLAGS) $(REAL_LDFLAGS) -o $@ $< $(B)/libmanhole.a $(LIBS)
+$(B)/examples/libevent-host: examples/libevent-host.c manhole.h $(B)/libmanhole.a
+	@mkdir -p $(B)/examples
+	$(CC) $(EXAMPLE_CFLAGS) $$(pkg-config --cflags libevent) $(REAL_LDFLAGS) -o $@ $< \
+	      $(B)/libmanhole.a $$(pkg-config --libs libevent) $(LIBS)
+$(B)/examples/libuv-host: examples/libuv-host.c manhole.h $(B)/libmanhole.a
+	@mkdir -p $(B)/examples
+	$(CC) $(EXAMPLE_CFLAGS) $$(pkg-config --cflags libuv) $(REAL_LDFLAGS) -o $@ $< \
+	      $(B)/libmanhole.a $$(pkg-config --libs libuv) $(LIBS)
+
+examples: $(EXAMPLES)
+
+# The version, the soname and the .pc all come from manhole.h.
+$(B)/manhole.pc: manhole.h Makefile
+	@mkdir -p $(B)
+	@printf '%s\n' 'prefix=$(PREFIX)' 'includedir=$(INCLUDEDIR)' 'libdir=$(LIBDIR)' '' \
+	  'Name: manhole' \
+	  'Description: A Python REPL inside a running C program' \
+	  'Version: $(VERSION)' \
+	  'Requires.private: $(PYTHON_PC)' \
+	  'Libs: -L$${libdir} -lmanhole' \
+	  'Libs.private: -lpthread' \
+	  'Cflags: -I$${includedir}' > $@
+
+install: all $(B)/manhole.pc
+	install -d $(DESTDIR)$(INCLUDEDIR) $(DESTDIR)$(LIBDIR) $(DESTDIR)$(PKGCONFIGDIR) \
+	           $(DESTDIR)$(BINDIR) $(DESTDIR)$(MANDIR)/man1 $(DESTDIR)$(MANDIR)/man3
+	install -m 644 manhole.h $(DESTDIR)$(INCLUDEDIR)/manhole.h
+	install -m 644 $(B)/libmanhole.a $(DESTDIR)$(LIBDIR)/libmanhole.a
+	install -m 755 $(B)/libmanhole.so.$(VERSION) $(DESTDIR)$(LIBDIR)/libmanhole.so.$(VERSION)
+	ln -sf libmanhole.so.$(VERSION) $(DESTDIR)$(LIBDIR)/$(SONAME)
+	ln -sf $(SONAME) $(DESTDIR)$(LIBDIR)/libmanhole.so
+	install -m 644 $(B)/manhole.pc $(DESTDIR)$(PKGCONFIGDIR)/manhole.pc
+	install -m 755 $(B)/demo/manhole-demo $(DESTDIR)$(BINDIR)/manhole-demo
+	sed 's/@VERSION@/$(VERSION)/' man/manhole.3 > $(DESTDIR)$(MANDIR)/man3/manhole.3
+	sed 's/@VERSION@/$(VERSION)/' man/manhole-demo.1 > $(DESTDIR)$(MANDIR)/man1/manhole-demo.1
+	chmod 644 $(DESTDIR)$(MANDIR)/man3/manhole.3 $(DESTDIR)$(MANDIR)/man1/manhole-demo.1
+
+uninstall:
+	rm -f $(DESTDIR)$(INCLUDEDIR)/manhole.h $(DESTDIR)$(LIBDIR)/libmanhole.a \
+	      $(DESTDIR)$(LIBDIR)/libmanhole.so.$(VERSION) $(DESTDIR)$(LIBDIR)/$(SONAME) \
+	      $(DESTDIR)$(LIBDIR)/libmanhole.so $(DESTDIR)$(PKGCONFIGDIR)/manhole.pc \
+	      $(DESTDIR)$(BINDIR)/manhole-demo $(DESTDIR)$(MANDIR)/man3/manhole.3 \
+	      $(DESTDIR)$(MANDIR)/man1/manhole-demo.1
+
 deps:
 	@PYTHON=$(PYTHON) ./tools/ensure-deps
 
@@ -73,7 +133,7 @@ demo: all
 	./demo/manhole-demo
 
 test: deps
-	$(MAKE) all hosts
+	$(MAKE) all hosts examples
 	$(PYTEST) $(TESTS)
 
 check: test
@@ -83,28 +143,29 @@ check: test
 SAN_FLAGS = -fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer
 check-asan: deps
 	$(MAKE) B=build/asan OPTIMIZATION=-O1 VARIANT_CFLAGS="$(SAN_FLAGS)" \
-	        VARIANT_LDFLAGS="$(SAN_FLAGS)" all hosts
-	MANHOLE_BUILD_DIR=build/asan MANHOLE_TEST_SANITIZER=1 \
+	        VARIANT_LDFLAGS="$(SAN_FLAGS)" all hosts examples
+	MANHOLE_BUILD_DIR=build/asan MANHOLE_TEST_SANITIZER=1 MANHOLE_TEST_CFLAGS="$(SAN_FLAGS)" \
 	ASAN_OPTIONS=detect_leaks=1:abort_on_error=1:strict_string_checks=1 \
 	LSAN_OPTIONS=suppressions=$(CURDIR)/tests/lsan.supp:print_suppressions=0 \
 	UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
 	PYTHONMALLOC=malloc $(PYTEST) $(TESTS)
 
 check-valgrind: deps
-	$(MAKE) B=build/valgrind OPTIMIZATION=-O1 all hosts
+	$(MAKE) B=build/valgrind OPTIMIZATION=-O1 all hosts examples
 	MANHOLE_BUILD_DIR=build/valgrind MANHOLE_TEST_TIMEOUT=120 PYTHONMALLOC=malloc \
 	MANHOLE_TEST_WRAP="valgrind -q --error-exitcode=99 --leak-check=full \
 	  --show-leak-kinds=definite --errors-for-leak-kinds=definite --suppressions=$(CURDIR)/tests/valgrind.supp" \
 	$(PYTEST) $(TESTS)
 
 check-portable: deps
-	$(MAKE) B=build/portable VARIANT_CFLAGS=-DMANHOLE_PORTABLE all hosts
+	$(MAKE) B=build/portable VARIANT_CFLAGS=-DMANHOLE_PORTABLE all hosts examples
 	MANHOLE_BUILD_DIR=build/portable MANHOLE_TEST_PORTABLE=1 $(PYTEST) $(TESTS)
 
 check-warnings: deps
-	$(MAKE) B=build/gcc CC=gcc VARIANT_CFLAGS=-Werror all hosts
-	$(MAKE) B=build/clang CC=clang VARIANT_CFLAGS=-Werror all hosts
-	$(MAKE) B=build/clang-portable CC=clang VARIANT_CFLAGS="-Werror -DMANHOLE_PORTABLE" all hosts
+	$(MAKE) B=build/gcc CC=gcc VARIANT_CFLAGS=-Werror all hosts examples bench-bins
+	$(MAKE) B=build/clang CC=clang VARIANT_CFLAGS=-Werror all hosts examples bench-bins
+	$(MAKE) B=build/clang-portable CC=clang VARIANT_CFLAGS="-Werror -DMANHOLE_PORTABLE" \
+	        all hosts examples
 
 # ---- Fuzzing and soaking -------------------------------------------------
 
@@ -127,13 +188,16 @@ fuzz: deps
 BENCH = $(B)/bench/bench $(B)/bench/bench-host $(B)/bench/floor
 $(B)/bench/bench: bench/bench.c
 	@mkdir -p $(B)/bench
-	$(CC) -std=c11 $(OPTIMIZATION) $(DEBUG) $(WARNINGS) $(CFLAGS) -o $@ bench/bench.c -lpthread
+	$(CC) -std=c11 $(OPTIMIZATION) $(DEBUG) $(WARNINGS) $(VARIANT_CFLAGS) $(CFLAGS) -o $@ \
+	      bench/bench.c -lpthread
 $(B)/bench/bench-host: bench/bench-host.c manhole.h $(B)/libmanhole.a
 	@mkdir -p $(B)/bench
 	$(CC) $(REAL_CFLAGS) $(REAL_LDFLAGS) -o $@ bench/bench-host.c $(B)/libmanhole.a $(LIBS)
 $(B)/bench/floor: bench/floor.c manhole.c manhole.h
 	@mkdir -p $(B)/bench
 	$(CC) $(REAL_CFLAGS) -Wno-unused-function $(REAL_LDFLAGS) -o $@ bench/floor.c $(LIBS)
+
+bench-bins: $(BENCH)
 
 bench: deps
 	$(MAKE) all $(BENCH)
@@ -146,6 +210,6 @@ soak: deps
 	$(PYTHON) tests/soak.py --seconds $(SOAK_SECONDS) --clients $(SOAK_CLIENTS)
 
 clean:
-	rm -f *.o *.a libmanhole.so* demo/manhole-demo tests/hosts/test-host bench/bench \
-	      bench/bench-host bench/floor
+	rm -f *.o *.a libmanhole.so* manhole.pc demo/manhole-demo tests/hosts/test-host bench/bench \
+	      bench/bench-host bench/floor $(EXAMPLES)
 	rm -rf build tests/__pycache__ .pytest_cache

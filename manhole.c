@@ -103,6 +103,12 @@
 
 /* Linux fast paths. -DMANHOLE_PORTABLE turns all of them off so the
  * portable fallbacks are built and tested on Linux too. */
+#if defined(__linux__)
+#include <sched.h>
+#include <sys/resource.h>
+#include <sys/syscall.h>
+#endif
+
 #if defined(__linux__) && !defined(MANHOLE_PORTABLE)
 #define MH_HAVE_EPOLL 1
 #define MH_HAVE_EVENTFD 1
@@ -342,7 +348,8 @@ struct client {
     /* Python session: touched only with the GIL, by the one worker that
      * has the client busy (or by teardown). */
     PyObject *ns;
-    PyObject *compiler;
+    PyObject *compiler;     /* codeop.CommandCompiler */
+    int cc_flags;           /* its compile flags (codeop's + __future__) */
     buf src;                /* lines of the block being entered */
 };
 
@@ -430,15 +437,19 @@ struct manhole {
     client *dirty;
     client *graveyard;      /* closed clients, released at the turn's end */
     hostcall *hc_head, *hc_tail;
-    int wake_pending;
+    int wake_pending;       /* the host should look at the dirty list */
+    int wake_fd_set;        /* ... and the wake-up descriptor was written */
     int stopping;
     worker *workers;
     int nworkers;           /* not abandoned, not exited */
     int nidle;              /* workers waiting for a job */
     int njobs;              /* jobs queued */
+    double last_pickup;     /* when a worker last took a job */
+    double starve_since;    /* jobs waiting with no idle worker (0: no) */
     int nthreads;           /* all worker threads alive */
     int worker_seq;
     int wd_started, wd_exited, wd_stop;
+    double wd_wake_at;      /* when the watchdog will look next (0: never) */
     int nreap;              /* exited workers to join */
     pthread_t wd_thread;
     worker hostw;           /* non-threaded mode */
@@ -454,6 +465,8 @@ struct manhole {
     PyObject *ns;           /* the manhole's namespace */
     PyObject *ns_type;
     PyObject *compiler_cls; /* codeop.CommandCompiler */
+    PyObject *filename;     /* "<stdin>" */
+    PyObject *single;       /* "single" */
 
     char errmsg[512];
 };
@@ -559,6 +572,9 @@ static void wake_host_locked(manhole *mh)
     if (mh->wake_pending || mh->wake_w < 0)
         return;
     mh->wake_pending = 1;
+    if (tl_worker == &mh->hostw)
+        return; /* the host thread itself: it looks before it sleeps */
+    mh->wake_fd_set = 1;
 #ifdef MH_HAVE_EVENTFD
     uint64_t one = 1;
     ssize_t r;
@@ -579,9 +595,15 @@ static void drain_wake(manhole *mh)
 {
     char tmp[64];
     ssize_t r;
+#ifdef MH_HAVE_EVENTFD
+    do /* one read resets an eventfd */
+        r = read(mh->wake_r, tmp, sizeof tmp);
+    while (r < 0 && errno == EINTR);
+#else
     do
         r = read(mh->wake_r, tmp, sizeof tmp);
     while (r > 0 || (r < 0 && errno == EINTR));
+#endif
 }
 
 /* Put c on the dirty list so the host looks at it. Lock held. */
@@ -2431,6 +2453,78 @@ static PyObject *ns_new(manhole *mh)
     return ns;
 }
 
+/* The flags codeop compiles this session's input with: its own
+ * (PyCF_DONT_IMPLY_DEDENT | PyCF_ALLOW_INCOMPLETE_INPUT) plus the
+ * __future__ features seen so far. It keeps them in compiler.compiler.flags;
+ * we keep a copy for the fast path, and hand back what the fast path
+ * learns. */
+static int sync_flags_from_codeop(client *c)
+{
+    PyObject *cc = PyObject_GetAttrString(c->compiler, "compiler");
+    PyObject *f = cc ? PyObject_GetAttrString(cc, "flags") : NULL;
+    long v = f ? PyLong_AsLong(f) : -1;
+    Py_XDECREF(cc);
+    Py_XDECREF(f);
+    if (v == -1 && PyErr_Occurred())
+        return -1;
+    c->cc_flags = (int)v;
+    return 0;
+}
+
+static void sync_flags_to_codeop(client *c)
+{
+    PyObject *cc = PyObject_GetAttrString(c->compiler, "compiler");
+    PyObject *f = PyLong_FromLong(c->cc_flags);
+    if (!cc || !f || PyObject_SetAttrString(cc, "flags", f) < 0)
+        PyErr_Clear();
+    Py_XDECREF(cc);
+    Py_XDECREF(f);
+}
+
+/* Compile one input as codeop.CommandCompiler does: a code object,
+ * Py_None for incomplete input, or NULL with the exception set.
+ *
+ * For complete input codeop returns compile(source, filename, "single",
+ * flags, True) with its flags; the fast path makes exactly that call
+ * once, from C, instead of codeop's two compiles under
+ * warnings.catch_warnings(). Anything else (incomplete input, errors) goes
+ * to codeop itself, so those keep its exact behaviour. (One difference is
+ * left: a statement whose compilation warns and then fails in the code
+ * generator shows the warning twice.) */
+static PyObject *compile_input(client *c, PyObject *src, const char *utf8)
+{
+    manhole *mh = c->mh;
+    /* codeop compiles blank or comment-only input as "pass" */
+    const char *p = utf8;
+    int blank = 1;
+    while (*p && blank) {
+        while (*p == ' ' || *p == '\t' || *p == '\f' || *p == '\r')
+            p++;
+        if (*p && *p != '\n' && *p != '#')
+            blank = 0;
+        while (*p && *p != '\n')
+            p++;
+        if (*p)
+            p++;
+    }
+    PyCompilerFlags cf = {c->cc_flags, PY_MINOR_VERSION};
+    PyObject *code = Py_CompileStringObject(blank ? "pass" : utf8, mh->filename,
+                                            Py_single_input, &cf, -1);
+    if (code) {
+        int futures = cf.cf_flags & PyCF_MASK;
+        if ((c->cc_flags | futures) != c->cc_flags) { /* a new __future__ */
+            c->cc_flags |= futures;
+            sync_flags_to_codeop(c);
+        }
+        return code;
+    }
+    PyErr_Clear();
+    code = PyObject_CallFunctionObjArgs(c->compiler, src, mh->filename, mh->single, NULL);
+    if (code && code != Py_None && sync_flags_from_codeop(c) < 0)
+        PyErr_Clear();
+    return code;
+}
+
 /* Give a client its namespace and compiler, at its first statement. */
 static int session_open(client *c)
 {
@@ -2444,7 +2538,7 @@ static int session_open(client *c)
             goto fail;
     }
     c->compiler = PyObject_CallObject(mh->compiler_cls, NULL);
-    if (!c->compiler)
+    if (!c->compiler || sync_flags_from_codeop(c) < 0)
         goto fail;
     pthread_mutex_lock(&mh->lock);
     c->has_session = 1;
@@ -2631,8 +2725,11 @@ static int stmt_begin(worker *w, client *c)
     w->want_int = 0;
     w->int_sent = 0;
     w->deadline = mh->cfg.timeout > 0 ? now_mono() + mh->cfg.timeout : 0;
-    if (w->deadline > 0) {
+    /* Wake the watchdog only if it would otherwise look too late: a new
+     * deadline is usually later than the one it already sleeps to. */
+    if (w->deadline > 0 && (mh->wd_wake_at == 0 || w->deadline < mh->wd_wake_at)) {
         watchdog_ensure_locked(mh);
+        mh->wd_wake_at = w->deadline;
         pthread_cond_signal(&mh->wd_cv);
     }
     pthread_mutex_unlock(&mh->lock);
@@ -2709,12 +2806,12 @@ static int session_line(worker *w, client *c, const char *line, size_t len,
     if (buf_used(&c->src) > 0)
         buf_add(&c->src, "\n", 1);
     buf_add(&c->src, line, len);
+    buf_add(&c->src, "", 1); /* NUL-terminate (not counted) */
+    c->src.len--;
     PyObject *src = PyUnicode_DecodeUTF8(c->src.p + c->src.head,
                                          (Py_ssize_t)buf_used(&c->src),
                                          "surrogateescape");
-    PyObject *code = src ? PyObject_CallFunction(c->compiler, "Oss", src,
-                                                 "<stdin>", "single")
-                         : NULL;
+    PyObject *code = src ? compile_input(c, src, c->src.p + c->src.head) : NULL;
     Py_XDECREF(src);
     int more = 0, rc = RUN_OK;
     if (!code) {
@@ -2779,11 +2876,22 @@ static void enqueue_locked(client *c)
     mh->jq_tail = c;
     mh->njobs++;
     if (mh->cfg.threaded) {
-        /* A signalled worker counts as idle until it runs, so compare the
-         * queue with the idle workers rather than trusting the signal. */
         pthread_cond_signal(&mh->work_cv);
-        if (mh->njobs > mh->nidle)
-            worker_spawn_locked(mh);
+        /* A signalled worker counts as idle until it runs, so compare the
+         * queue with the idle workers rather than trust the signal. With
+         * no worker at all, start one now. Otherwise more workers would
+         * only fight over the GIL while statements are short: the
+         * watchdog starts one when the queue has made no progress for
+         * SPAWN_DELAY (the busy workers are blocked, or slow). */
+        if (mh->njobs > mh->nidle) {
+            if (mh->nworkers == 0)
+                worker_spawn_locked(mh);
+            else if (mh->starve_since == 0) {
+                mh->starve_since = now_mono();
+                watchdog_ensure_locked(mh);
+                pthread_cond_signal(&mh->wd_cv);
+            }
+        }
     }
 }
 
@@ -2797,6 +2905,7 @@ static client *dequeue_locked(manhole *mh)
         c->jnext = NULL;
         c->queued = 0;
         mh->njobs--;
+        mh->last_pickup = now_mono();
     }
     return c;
 }
@@ -2888,11 +2997,36 @@ static void block_signals(void)
 
 #define WORKER_IDLE_SECONDS 30.0
 
+/* How much of the CPU statements may take from the host (this worker
+ * thread only; Linux, where nice values and policies are per thread):
+ * NICE: nice +5, the default; IDLE: SCHED_IDLE, statements only run on
+ * CPU nobody else wants, and the host's loop always preempts them; NORMAL:
+ * as the host. Elsewhere threads keep the host's priority. */
+static void set_worker_priority(int how)
+{
+#if defined(__linux__)
+    if (how == MANHOLE_WORKERS_IDLE) {
+        struct sched_param sp;
+        memset(&sp, 0, sizeof sp);
+        if (pthread_setschedparam(pthread_self(), SCHED_IDLE, &sp) == 0)
+            return;
+    }
+    if (how != MANHOLE_WORKERS_NORMAL) {
+        pid_t tid = (pid_t)syscall(SYS_gettid);
+        int now = getpriority(PRIO_PROCESS, (id_t)tid);
+        setpriority(PRIO_PROCESS, (id_t)tid, now + 5 > 19 ? 19 : now + 5);
+    }
+#else
+    MH_UNUSED(how);
+#endif
+}
+
 static void *worker_main(void *arg)
 {
     worker *w = arg;
     manhole *mh = w->mh;
     block_signals();
+    set_worker_priority(mh->cfg.worker_priority);
     PyGILState_STATE g = PyGILState_Ensure();
     w->py_tid = PyThread_get_thread_ident();
     PyThreadState *ts = PyEval_SaveThread();
@@ -2942,6 +3076,7 @@ gone:
 }
 
 #define MAX_THREADS_ABANDONED 64
+#define SPAWN_DELAY 0.002 /* seconds without progress before another worker */
 
 /* Start a worker if the pool may grow. Lock held. */
 static void worker_spawn_locked(manhole *mh)
@@ -3060,6 +3195,21 @@ static void *watchdog_main(void *arg)
             if (w->want_int && !w->int_sent)
                 pending = 1;
         }
+        if (mh->starve_since > 0) {
+            if (mh->njobs <= mh->nidle || mh->stopping) {
+                mh->starve_since = 0;
+            } else {
+                double since = mh->last_pickup > mh->starve_since ? mh->last_pickup
+                                                                  : mh->starve_since;
+                if (now >= since + SPAWN_DELAY) {
+                    worker_spawn_locked(mh);
+                    mh->starve_since = now; /* look again a delay later */
+                    since = now;
+                }
+                if (next == 0 || since + SPAWN_DELAY < next)
+                    next = since + SPAWN_DELAY;
+            }
+        }
         if (pending) {
             /* Deliver KeyboardInterrupt. The GIL is taken without the
              * lock held; the state is checked again under both. */
@@ -3077,12 +3227,14 @@ static void *watchdog_main(void *arg)
             pthread_mutex_lock(&mh->lock);
             continue;
         }
+        mh->wd_wake_at = next;
         if (next > 0) {
             struct timespec until = abs_realtime(next - now + 0.0005);
             pthread_cond_timedwait(&mh->wd_cv, &mh->lock, &until);
         } else {
             pthread_cond_wait(&mh->wd_cv, &mh->lock);
         }
+        mh->wd_wake_at = 0;
     }
     mh->wd_exited = 1;
     pthread_cond_broadcast(&mh->gone_cv);
@@ -3446,13 +3598,15 @@ static void on_accept(manhole *mh, int lfd, int transport)
 static void process_dirty(manhole *mh)
 {
     pthread_mutex_lock(&mh->lock);
-    int wake = mh->wake_pending;
+    int wake = mh->wake_pending, fd_set = mh->wake_fd_set;
     pthread_mutex_unlock(&mh->lock);
     if (!wake)
         return;
-    drain_wake(mh); /* first, so no wake-up is lost (see wake_host_locked) */
+    if (fd_set)
+        drain_wake(mh); /* first, so no wake-up is lost (see wake_host_locked) */
     pthread_mutex_lock(&mh->lock);
     mh->wake_pending = 0;
+    mh->wake_fd_set = 0;
     client *list = mh->dirty, *done = NULL;
     mh->dirty = NULL;
     for (;;) {
@@ -3721,8 +3875,10 @@ static int py_open(manhole *mh)
         goto fail_support;
     }
     mh->compiler_cls = PyObject_GetAttrString(codeop, "CommandCompiler");
+    mh->filename = PyUnicode_InternFromString("<stdin>");
+    mh->single = PyUnicode_InternFromString("single");
     PyObject *name = PyUnicode_FromString("__main__");
-    int bad = !mh->compiler_cls || !name ||
+    int bad = !mh->compiler_cls || !name || !mh->filename || !mh->single ||
               PyDict_SetItemString(mh->ns, "__name__", name) < 0 ||
               PyDict_SetItemString(mh->ns, "__doc__", Py_None) < 0 ||
               PyDict_SetItemString(mh->ns, "__builtins__", builtins) < 0 ||
@@ -3766,6 +3922,8 @@ fail_support: {
     Py_CLEAR(mh->core);
     Py_CLEAR(mh->ns_type);
     Py_CLEAR(mh->compiler_cls);
+    Py_CLEAR(mh->filename);
+    Py_CLEAR(mh->single);
     support_release(&ts);
 }
 fail: {
@@ -4114,6 +4272,8 @@ void manhole_close(manhole *mh)
     Py_CLEAR(mh->core);
     Py_CLEAR(mh->ns_type);
     Py_CLEAR(mh->compiler_cls);
+    Py_CLEAR(mh->filename);
+    Py_CLEAR(mh->single);
     PyThreadState *main_ts = NULL;
     if (support_release(&main_ts)) {
         if (PyThreadState_Get() != main_ts) {
@@ -4296,7 +4456,13 @@ int manhole_wakeup(manhole *mh)
     if (!mh)
         return MANHOLE_EINVAL;
     pthread_mutex_lock(&mh->lock);
-    wake_host_locked(mh);
+    if (!mh->wake_fd_set && mh->wake_w >= 0) {
+        mh->wake_pending = 0; /* force the write below */
+        worker *saved = tl_worker;
+        tl_worker = NULL;
+        wake_host_locked(mh);
+        tl_worker = saved;
+    }
     pthread_mutex_unlock(&mh->lock);
     return MANHOLE_OK;
 }

@@ -118,6 +118,8 @@ typedef struct manhole_config {
     size_t max_output;      /* bytes of unsent output per client before its
                                statement pauses; default 1 MiB */
     int max_workers;        /* threads running statements; default 16 */
+    int worker_priority;    /* MANHOLE_WORKERS_NICE (default), _IDLE or
+                               _NORMAL: see below */
     double idle_timeout;    /* seconds before a silent idle client is
                                closed; default 0: never */
 
@@ -127,6 +129,19 @@ typedef struct manhole_config {
     int log_level;          /* most verbose level delivered; default INFO */
     int audit;              /* 1: log every input line at MANHOLE_LOG_AUDIT */
 } manhole_config;
+
+/* worker_priority: how much CPU statements may take from the host
+ * (Linux; elsewhere workers keep the host's priority).
+ *  NICE    worker threads run at nice +5 (the default);
+ *  IDLE    SCHED_IDLE: statements only use CPU nobody else wants, and the
+ *          host's loop always preempts them (a busy machine may starve
+ *          them until their timeout);
+ *  NORMAL  the host's own priority. */
+enum {
+    MANHOLE_WORKERS_NICE = 0,
+    MANHOLE_WORKERS_IDLE = 1,
+    MANHOLE_WORKERS_NORMAL = 2
+};
 
 /* Fill *cfg with the defaults. Always call this first, then change fields.
  * Any thread. */

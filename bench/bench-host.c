@@ -15,9 +15,9 @@
  *   quit
  *
  * Between commands it serves clients, waiting only in manhole_poll().
- *   bench-host PATH threaded|nonthreaded [timeout]
+ *   bench-host PATH threaded|nonthreaded [timeout [idle]]
  */
-#define _POSIX_C_SOURCE 200809L
+#define _GNU_SOURCE /* ppoll */
 #include "../manhole.h"
 
 #include <errno.h>
@@ -118,7 +118,10 @@ static void cmd_turns(manhole *mh, double seconds)
         struct pollfd fds[1024];
         int k = manhole_pollfds(mh, fds, 1024);
         double wait = next - now_s();
-        poll(fds, (nfds_t)(k > 1024 ? 1024 : k), wait > 0 ? (int)(wait * 1000 + 0.999) : 0);
+        if (wait < 0)
+            wait = 0;
+        struct timespec ts = {(time_t)wait, (long)((wait - (long)wait) * 1e9)};
+        ppoll(fds, (nfds_t)(k > 1024 ? 1024 : k), &ts, NULL); /* ns, not ms */
         double t0 = now_s();
         manhole_poll(mh, 0);
         double t1 = now_s();
@@ -170,7 +173,7 @@ static void *stdin_reader(void *arg)
 int main(int argc, char **argv)
 {
     if (argc < 3) {
-        fprintf(stderr, "usage: bench-host PATH threaded|nonthreaded [timeout]\n");
+        fprintf(stderr, "usage: bench-host PATH threaded|nonthreaded [timeout [idle]]\n");
         return 2;
     }
     struct rlimit rl;
@@ -183,6 +186,8 @@ int main(int argc, char **argv)
     cfg.unix_path = argv[1];
     cfg.threaded = strcmp(argv[2], "threaded") == 0;
     cfg.timeout = argc > 3 ? atof(argv[3]) : 5;
+    if (argc > 4 && !strcmp(argv[4], "idle"))
+        cfg.worker_priority = MANHOLE_WORKERS_IDLE;
     cfg.max_clients = 4096;
     cfg.max_output = 4u << 20;
     manhole *mh;

@@ -25,6 +25,8 @@ BUILD = ROOT / os.environ.get("MANHOLE_BUILD_DIR", ".")
 DEMO = BUILD / "demo" / "manhole-demo"
 HOST = BUILD / "tests" / "hosts" / "test-host"
 SANITIZER = bool(os.environ.get("MANHOLE_TEST_SANITIZER"))
+# Flags for programs the tests compile themselves (the sanitizers' own).
+TEST_CFLAGS = os.environ.get("MANHOLE_TEST_CFLAGS", "").split()
 # The portable build (make check-portable) has no epoll, so no manhole_fd().
 PORTABLE = bool(os.environ.get("MANHOLE_TEST_PORTABLE"))
 needs_epoll = pytest.mark.skipif(PORTABLE, reason="manhole_fd() needs epoll; off in the portable build")

@@ -132,3 +132,17 @@ def test_close_leaves_uninterruptible_statement_behind(start):
     assert p.stop() == 0
     assert "stuck in uninterruptible calls left behind" in p.err
     assert "closed after" in p.out
+
+
+@pytest.mark.parametrize("prio,want", [("nice", "(0, 5)"), ("idle", "(5, 0)"), ("normal", "(0, 0)")])
+def test_worker_priority(start, prio, want):
+    """Statements run below the host's priority by default (nice +5);
+    MANHOLE_WORKERS_IDLE makes them SCHED_IDLE (5); NORMAL leaves them as
+    the host. Read on the worker thread itself."""
+    if os.getpriority(os.PRIO_PROCESS, 0) != 0:
+        pytest.skip("the test runs at a nice value already")
+    p = start(HOST, "--worker-priority", prio)
+    c = p.client()
+    assert c.cmd("import os; (os.sched_getscheduler(0), os.getpriority(os.PRIO_PROCESS, 0))") == want + "\n"
+    # the host thread itself is untouched
+    assert c.cmd("on_host_thread()") == "True\n"

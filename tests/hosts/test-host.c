@@ -170,7 +170,7 @@ int main(int argc, char **argv)
         OPT_PATH = 1, OPT_PORT, OPT_NOTHREADED, OPT_TIMEOUT, OPT_SHARED, OPT_LOOP,
         OPT_PYTHON, OPT_FILES, OPT_FILES_AFTER, OPT_FORK, OPT_MAXCLIENTS, OPT_MAXOUTPUT,
         OPT_MAXLINE, OPT_MODE, OPT_AUDIT, OPT_KEEP, OPT_HOST, OPT_NONLOCAL, OPT_BANNER,
-        OPT_IDLE, OPT_WORKERS, OPT_NOTICK
+        OPT_IDLE, OPT_WORKERS, OPT_NOTICK, OPT_PRIO
     };
     static const struct option opts[] = {
         {"path", required_argument, NULL, OPT_PATH},
@@ -195,6 +195,7 @@ int main(int argc, char **argv)
         {"audit", no_argument, NULL, OPT_AUDIT},
         {"close-after-exit", no_argument, NULL, OPT_KEEP},
         {"no-tick", no_argument, NULL, OPT_NOTICK},
+        {"worker-priority", required_argument, NULL, OPT_PRIO},
         {NULL, 0, NULL, 0}};
     int o;
     while ((o = getopt_long(argc, argv, "", opts, NULL)) != -1) {
@@ -221,6 +222,11 @@ int main(int argc, char **argv)
         case OPT_AUDIT: cfg.audit = 1; break;
         case OPT_KEEP: keep_going = 1; break;
         case OPT_NOTICK: tick = 0; break;
+        case OPT_PRIO:
+            cfg.worker_priority = !strcmp(optarg, "idle")     ? MANHOLE_WORKERS_IDLE
+                                  : !strcmp(optarg, "normal") ? MANHOLE_WORKERS_NORMAL
+                                                              : MANHOLE_WORKERS_NICE;
+            break;
         default: fprintf(stderr, "test-host: bad option\n"); return 2;
         }
     }
@@ -236,7 +242,14 @@ int main(int argc, char **argv)
 
     if (python) {
         Py_InitializeEx(0);
-        PyRun_SimpleString("host_data = {'answer': 42}\nhost_counter = 0\n");
+        PyRun_SimpleString(
+            "import threading, time\n"
+            "host_data = {'answer': 42}\n"
+            "host_counter = 0\n"
+            "def _host_loop():\n"
+            "    while True:\n"
+            "        time.sleep(0.05)\n"
+            "threading.Thread(target=_host_loop, name='host-python-thread', daemon=True).start()\n");
     }
     open_files(files_before);
     manhole *mh;
@@ -353,8 +366,14 @@ int main(int argc, char **argv)
         }
     }
     manhole_close(mh);
-    if (python)
+    if (python) {
+        /* The host's interpreter is still the host's: use it, then end it. */
+        PyRun_SimpleString("import sys\n"
+                           "print('host python alive after close:', host_counter > 0,"
+                           " sys.stdout is sys.__stdout__)\n"
+                           "sys.stdout.flush()\n");
         Py_FinalizeEx();
+    }
     printf("closed after %ld turns, %ld SIGUSR1\n", turns, (long)usr1);
     fflush(stdout);
     return status;
