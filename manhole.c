@@ -17,14 +17,17 @@
  *    hands them over. In threaded mode it never takes the GIL, so a client
  *    burning CPU in Python cannot slow the host's loop down; it only takes
  *    mh->lock for short, bounded critical sections.
- *  - Worker threads (threaded mode): a small pool, grown on demand up to
- *    max_workers, shrunk when idle. There is no thread per client: a
- *    client's lines are a job in a FIFO; a worker takes the GIL, runs the
- *    client's next statement and appends the output to the client's output
- *    buffer. A statement that outruns its timeout is abandoned: the worker
- *    stays stuck with it (and leaves the pool), the client moves on with
- *    another worker. In non-threaded mode the host thread itself plays the
- *    worker, inside manhole_poll().
+ *  - Worker threads (threaded mode): a small pool, shrunk when idle. There
+ *    is no thread per client: a client's lines are a job in a FIFO; a
+ *    worker takes the GIL, runs the client's next statement and appends
+ *    the output to the client's output buffer. The pool starts one worker
+ *    and grows (up to max_workers) only when the queue has made no
+ *    progress for SPAWN_DELAY, i.e. the workers it has are blocked: more
+ *    threads would only bounce the GIL. Workers run below the host's CPU
+ *    priority (worker_priority). A statement that outruns its timeout is
+ *    abandoned: the worker stays stuck with it (and leaves the pool), the
+ *    client moves on with another worker. In non-threaded mode the host
+ *    thread itself plays the worker, inside manhole_poll().
  *  - The watchdog (created with the first worker, or when a timeout is
  *    set): sleeps until the earliest statement deadline, writes the
  *    TimeoutError report for an expired statement, and interrupts it with
@@ -48,6 +51,15 @@
  * each sees exactly its own output, while the host's output is never
  * captured. A client that stops reading makes its own statement wait once
  * max_output bytes are pending; nobody else notices.
+ *
+ * Compiling
+ * ---------
+ * Input is compiled as code.InteractiveConsole compiles it, by codeop, with
+ * one shortcut: for complete input codeop returns compile(source, filename,
+ * "single", flags, True) with its own flags, so that one call is made from
+ * C with the same flags (kept in step with the session's codeop compiler,
+ * __future__ features included). Incomplete input and errors go through
+ * codeop itself. The compiler is then the bulk of a statement's cost.
  *
  * Namespaces
  * ----------

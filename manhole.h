@@ -34,10 +34,10 @@ extern "C" {
 /* ---- Version -------------------------------------------------------- */
 
 #define MANHOLE_VERSION_MAJOR 0
-#define MANHOLE_VERSION_MINOR 2
+#define MANHOLE_VERSION_MINOR 4
 #define MANHOLE_VERSION_PATCH 0
-#define MANHOLE_VERSION_STRING "0.2.0"
-/* One comparable number: 0xMMmmpp (0.2.0 is 0x000200). */
+#define MANHOLE_VERSION_STRING "0.4.0"
+/* One comparable number: 0xMMmmpp (0.4.0 is 0x000400). */
 #define MANHOLE_VERSION_NUMBER                                                 \
     ((MANHOLE_VERSION_MAJOR << 16) | (MANHOLE_VERSION_MINOR << 8) |            \
      MANHOLE_VERSION_PATCH)
@@ -48,7 +48,7 @@ extern "C" {
 #define MANHOLE_API
 #endif
 
-/* The version of the library actually linked, e.g. "0.2.0". Any thread. */
+/* The version of the library actually linked, e.g. "0.4.0". Any thread. */
 MANHOLE_API const char *manhole_version(void);
 /* MANHOLE_VERSION_NUMBER of the library actually linked. Any thread. */
 MANHOLE_API int manhole_version_number(void);
@@ -118,8 +118,6 @@ typedef struct manhole_config {
     size_t max_output;      /* bytes of unsent output per client before its
                                statement pauses; default 1 MiB */
     int max_workers;        /* threads running statements; default 16 */
-    int worker_priority;    /* MANHOLE_WORKERS_NICE (default), _IDLE or
-                               _NORMAL: see below */
     double idle_timeout;    /* seconds before a silent idle client is
                                closed; default 0: never */
 
@@ -128,6 +126,11 @@ typedef struct manhole_config {
     void *log_ud;
     int log_level;          /* most verbose level delivered; default INFO */
     int audit;              /* 1: log every input line at MANHOLE_LOG_AUDIT */
+
+    /* Added in 0.3.0 (new fields always go last: struct_size tells the
+     * library which ones a caller knows). */
+    int worker_priority;    /* MANHOLE_WORKERS_NICE (default), _IDLE or
+                               _NORMAL: see below */
 } manhole_config;
 
 /* worker_priority: how much CPU statements may take from the host
@@ -164,7 +167,8 @@ MANHOLE_API int manhole_open(manhole **out, const manhole_config *cfg,
 /* Close a manhole: disconnect clients (sending what output can be sent
  * without waiting), interrupt running statements, join the worker threads
  * (a thread stuck in an uninterruptible call is given one second, then left
- * to end on its own), and release Python if the library started it.
+ * to end on its own, keeping the handle's memory and Python objects), and
+ * release Python if the library started it.
  * The socket file is left in place; the next manhole_open() replaces it.
  * NULL is accepted. In a child after fork() it only releases descriptors
  * and memory. Call from the host thread. */
@@ -177,7 +181,8 @@ MANHOLE_API const char *manhole_errmsg(const manhole *mh);
 
 /* Do all pending work: accept, read, run statements (non-threaded mode),
  * write. Waits at most timeout_ms for something to do (0: only what is
- * ready now; -1: until something happens). Returns MANHOLE_OK,
+ * ready now; -1: until something happens); a signal ends the wait early.
+ * A caller holding the GIL has it released while waiting. Returns MANHOLE_OK,
  * MANHOLE_EXIT once per client that called sys.exit() (after that client's
  * output was sent and its connection closed), or a negative code.
  * Host thread. */
