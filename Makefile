@@ -41,14 +41,15 @@ PKGCONFIGDIR ?= $(LIBDIR)/pkgconfig
 
 # Build directory: `.` for the normal build, build/<variant> for the others.
 B ?= .
-HOSTS = $(B)/tests/hosts/test-host
+HOSTS = $(B)/tests/hosts/test-host $(B)/tests/hosts/api-test
 EXAMPLES = $(B)/examples/select-host $(B)/examples/poll-host $(B)/examples/libevent-host \
            $(B)/examples/libuv-host
 PYTEST = $(PYTHON) -m pytest -q -p no:cacheprovider
 TESTS ?= tests
 
-.PHONY: all demo test deps clean hosts check check-asan check-valgrind \
-        check-portable check-warnings fuzz soak bench bench-bins install uninstall examples
+.PHONY: FORCE all demo test deps clean hosts check check-asan check-valgrind \
+        check-portable check-warnings fuzz soak bench bench-bins install uninstall examples \
+        examples-bins
 
 all: $(B)/libmanhole.a $(B)/libmanhole.so $(B)/demo/manhole-demo
 
@@ -91,10 +92,14 @@ $(B)/examples/libuv-host: examples/libuv-host.c manhole.h $(B)/libmanhole.a
 	$(CC) $(EXAMPLE_CFLAGS) $$(pkg-config --cflags libuv) $(REAL_LDFLAGS) -o $@ $< \
 	      $(B)/libmanhole.a $$(pkg-config --libs libuv) $(LIBS)
 
-examples: $(EXAMPLES)
+# (deps: libevent-dev and libuv1-dev are not on a fresh machine)
+examples: deps
+	$(MAKE) $(EXAMPLES)
+examples-bins: $(EXAMPLES)
 
-# The version, the soname and the .pc all come from manhole.h.
-$(B)/manhole.pc: manhole.h Makefile
+# The version, the soname and the .pc all come from manhole.h. The .pc is
+# written anew every time: it records PREFIX, which may differ per call.
+$(B)/manhole.pc: FORCE
 	@mkdir -p $(B)
 	@printf '%s\n' 'prefix=$(PREFIX)' 'includedir=$(INCLUDEDIR)' 'libdir=$(LIBDIR)' '' \
 	  'Name: manhole' \
@@ -133,7 +138,7 @@ demo: all
 	./demo/manhole-demo
 
 test: deps
-	$(MAKE) all hosts examples
+	$(MAKE) all hosts $(EXAMPLES)
 	$(PYTEST) $(TESTS)
 
 check: test
@@ -143,7 +148,7 @@ check: test
 SAN_FLAGS = -fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer
 check-asan: deps
 	$(MAKE) B=build/asan OPTIMIZATION=-O1 VARIANT_CFLAGS="$(SAN_FLAGS)" \
-	        VARIANT_LDFLAGS="$(SAN_FLAGS)" all hosts examples
+	        VARIANT_LDFLAGS="$(SAN_FLAGS)" all hosts examples-bins
 	MANHOLE_BUILD_DIR=build/asan MANHOLE_TEST_SANITIZER=1 MANHOLE_TEST_CFLAGS="$(SAN_FLAGS)" \
 	ASAN_OPTIONS=detect_leaks=1:abort_on_error=1:strict_string_checks=1 \
 	LSAN_OPTIONS=suppressions=$(CURDIR)/tests/lsan.supp:print_suppressions=0 \
@@ -151,21 +156,21 @@ check-asan: deps
 	PYTHONMALLOC=malloc $(PYTEST) $(TESTS)
 
 check-valgrind: deps
-	$(MAKE) B=build/valgrind OPTIMIZATION=-O1 all hosts examples
+	$(MAKE) B=build/valgrind OPTIMIZATION=-O1 all hosts examples-bins
 	MANHOLE_BUILD_DIR=build/valgrind MANHOLE_TEST_TIMEOUT=120 PYTHONMALLOC=malloc \
 	MANHOLE_TEST_WRAP="valgrind -q --error-exitcode=99 --leak-check=full \
 	  --show-leak-kinds=definite --errors-for-leak-kinds=definite --suppressions=$(CURDIR)/tests/valgrind.supp" \
 	$(PYTEST) $(TESTS)
 
 check-portable: deps
-	$(MAKE) B=build/portable VARIANT_CFLAGS=-DMANHOLE_PORTABLE all hosts examples
+	$(MAKE) B=build/portable VARIANT_CFLAGS=-DMANHOLE_PORTABLE all hosts examples-bins
 	MANHOLE_BUILD_DIR=build/portable MANHOLE_TEST_PORTABLE=1 $(PYTEST) $(TESTS)
 
 check-warnings: deps
-	$(MAKE) B=build/gcc CC=gcc VARIANT_CFLAGS=-Werror all hosts examples bench-bins
-	$(MAKE) B=build/clang CC=clang VARIANT_CFLAGS=-Werror all hosts examples bench-bins
+	$(MAKE) B=build/gcc CC=gcc VARIANT_CFLAGS=-Werror all hosts examples-bins bench-bins
+	$(MAKE) B=build/clang CC=clang VARIANT_CFLAGS=-Werror all hosts examples-bins bench-bins
 	$(MAKE) B=build/clang-portable CC=clang VARIANT_CFLAGS="-Werror -DMANHOLE_PORTABLE" \
-	        all hosts examples
+	        all hosts examples-bins
 
 # ---- Fuzzing and soaking -------------------------------------------------
 
@@ -210,6 +215,6 @@ soak: deps
 	$(PYTHON) tests/soak.py --seconds $(SOAK_SECONDS) --clients $(SOAK_CLIENTS)
 
 clean:
-	rm -f *.o *.a libmanhole.so* manhole.pc demo/manhole-demo tests/hosts/test-host bench/bench \
+	rm -f *.o *.a libmanhole.so* manhole.pc demo/manhole-demo tests/hosts/test-host tests/hosts/api-test bench/bench \
 	      bench/bench-host bench/floor $(EXAMPLES)
 	rm -rf build tests/__pycache__ .pytest_cache

@@ -158,15 +158,37 @@ static double now_mono(void)
     return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
 }
 
-static struct timespec abs_realtime(double from_now)
+/* Condition variables wait on the monotonic clock where the platform
+ * allows, so a step of the wall clock never delays a timeout. */
+#if defined(_POSIX_CLOCK_SELECTION) && _POSIX_CLOCK_SELECTION >= 0 && !defined(__APPLE__)
+#define MH_COND_CLOCK CLOCK_MONOTONIC
+#else
+#define MH_COND_CLOCK CLOCK_REALTIME
+#endif
+
+static void cond_init(pthread_cond_t *cv)
+{
+    pthread_condattr_t a;
+    pthread_condattr_init(&a);
+#if defined(_POSIX_CLOCK_SELECTION) && _POSIX_CLOCK_SELECTION >= 0 && !defined(__APPLE__)
+    pthread_condattr_setclock(&a, MH_COND_CLOCK);
+#endif
+    pthread_cond_init(cv, &a);
+    pthread_condattr_destroy(&a);
+}
+
+/* An absolute time for pthread_cond_timedwait(), from_now seconds ahead. */
+static struct timespec cond_deadline(double from_now)
 {
     struct timespec ts;
-    clock_gettime(CLOCK_REALTIME, &ts);
+    clock_gettime(MH_COND_CLOCK, &ts);
     if (from_now > 1e6)
         from_now = 1e6;
-    double s = (double)ts.tv_sec + (double)ts.tv_nsec / 1e9 + from_now;
-    ts.tv_sec = (time_t)s;
-    ts.tv_nsec = (long)((s - (double)ts.tv_sec) * 1e9);
+    if (from_now < 0)
+        from_now = 0;
+    long sec = (long)from_now;
+    ts.tv_sec += sec;
+    ts.tv_nsec += (long)((from_now - (double)sec) * 1e9);
     if (ts.tv_nsec >= 1000000000L) {
         ts.tv_sec++;
         ts.tv_nsec -= 1000000000L;
@@ -351,6 +373,8 @@ struct client {
     unsigned char queued, dirty, busy, dead, eof_done, exiting;
     unsigned char has_session;
     unsigned char in_paused;/* input queue over max_input */
+    unsigned char out_blocked; /* output over max_output: no more input
+                               taken until the client reads */
     int out_waiters, in_waiters;
     size_t tx_backlog;      /* size of tx when the host last took output */
     int exit_status;        /* sys.exit() status */
@@ -363,6 +387,7 @@ struct client {
     PyObject *compiler;     /* codeop.CommandCompiler */
     int cc_flags;           /* its compile flags (codeop's + __future__) */
     buf src;                /* lines of the block being entered */
+    double src_compile;     /* seconds spent compiling it while incomplete */
 };
 
 struct worker {
@@ -419,7 +444,6 @@ struct manhole {
     int wake_r, wake_w;     /* the same descriptor with eventfd */
     pid_t pid;
     unsigned fork_gen;
-    pthread_t host;         /* last thread seen driving the manhole */
 
     /* Poller. */
 #ifdef MH_HAVE_EPOLL
@@ -436,8 +460,9 @@ struct manhole {
     int fdset_mode;         /* the host uses manhole_fdset() */
     int in_callback;
     int close_deferred;
-    int exits_ready;        /* MANHOLE_EXIT still to be returned */
-    int exit_status;
+    int exit_q[16];         /* statuses of MANHOLE_EXITs not yet returned */
+    int exits_ready;
+    int exit_status;        /* of the last MANHOLE_EXIT returned */
 
     /* Shared, under lock. */
     pthread_mutex_t lock;
@@ -479,11 +504,15 @@ struct manhole {
     PyObject *compiler_cls; /* codeop.CommandCompiler */
     PyObject *filename;     /* "<stdin>" */
     PyObject *single;       /* "single" */
+    unsigned long host_py_tid; /* Python's id for the thread that opened */
 
     char errmsg[512];
 };
 
 static _Thread_local worker *tl_worker;
+/* The manhole this thread drives as its host thread (set on every entry to
+ * manhole_open/poll/process), so host-only work can tell where it is. */
+static _Thread_local manhole *tl_host;
 
 /* Fork detection: a generation counter bumped in the child. */
 static unsigned fork_generation;
@@ -578,14 +607,14 @@ static void log_flush(manhole *mh)
 }
 
 /* Wake the host: the host loop will look at the dirty list, the log and
- * the host calls. Lock held. */
-static void wake_host_locked(manhole *mh)
+ * the host calls. The descriptor is written at most once until the host
+ * drains it, and not at all when the host thread itself has the news (it
+ * looks before it sleeps), unless `force` (manhole_wakeup). Lock held. */
+static void wake_host_force_locked(manhole *mh, int force)
 {
-    if (mh->wake_pending || mh->wake_w < 0)
-        return;
     mh->wake_pending = 1;
-    if (tl_worker == &mh->hostw)
-        return; /* the host thread itself: it looks before it sleeps */
+    if (mh->wake_fd_set || mh->wake_w < 0 || (!force && tl_worker == &mh->hostw))
+        return;
     mh->wake_fd_set = 1;
 #ifdef MH_HAVE_EVENTFD
     uint64_t one = 1;
@@ -603,6 +632,8 @@ static void wake_host_locked(manhole *mh)
     MH_UNUSED(r);
 }
 
+static void wake_host_locked(manhole *mh) { wake_host_force_locked(mh, 0); }
+
 static void drain_wake(manhole *mh)
 {
     char tmp[64];
@@ -616,6 +647,18 @@ static void drain_wake(manhole *mh)
         r = read(mh->wake_r, tmp, sizeof tmp);
     while (r > 0 || (r < 0 && errno == EINTR));
 #endif
+}
+
+static void mark_dirty_locked(client *c);
+
+/* A worker took input: if the host stopped reading because the queue was
+ * full and it is now half empty, let the host read again. Lock held. */
+static void input_drained_locked(client *c)
+{
+    if (c->in_paused && buf_used(&c->inq) <= c->mh->cfg.max_input / 2) {
+        c->in_paused = 0;
+        mark_dirty_locked(c);
+    }
 }
 
 /* Put c on the dirty list so the host looks at it. Lock held. */
@@ -736,7 +779,7 @@ static int unix_listen(manhole *mh)
         int live = unix_live(&sa);
         if (live == 1)
             return set_err(mh, MANHOLE_EBUSY,
-                           "%s: a live server is already listening there",
+                           "%s: address in use: a live server is already listening there",
                            path);
         if (live < 0)
             return set_err(mh, MANHOLE_ESYS, "%s: cannot probe socket: %s",
@@ -1206,9 +1249,8 @@ static int end_line(client *c, buf *recs)
     if (first && c->transport == T_TCP && looks_like_http(p, n))
         return -1;
     if (c->discard) {
-        c->discard = 0;
-        r = rec_error(recs, "manhole: line longer than %zu bytes discarded",
-                      mh->cfg.max_line);
+        c->discard = 0; /* the rest of an over-long line: told already */
+        r = 0;
     } else if (memchr(p, 0, n)) {
         r = rec_error(recs, "manhole: line with a NUL byte discarded");
     } else {
@@ -1227,6 +1269,17 @@ static int end_line(client *c, buf *recs)
     }
     buf_clear(&c->line);
     return r < 0 ? -2 : 0;
+}
+
+/* A line just outgrew max_line: tell the client now (not when its end
+ * arrives, which may be never) and drop the rest of it. */
+static int start_discard(client *c, buf *recs)
+{
+    c->discard = 1;
+    c->got_line = 1; /* it was no HTTP request line */
+    buf_free(&c->line); /* memory stays bounded */
+    return rec_error(recs, "manhole: line too long (more than %zu bytes); discarded",
+                     c->mh->cfg.max_line) < 0 ? -2 : 0;
 }
 
 /* Feed bytes into the framer. Complete lines go to recs. */
@@ -1268,11 +1321,14 @@ static int frame_bytes(client *c, const unsigned char *p, size_t n, buf *recs)
             }
             continue;
         literal:
+            if (c->discard)
+                continue;
             if (c->line.len < max_line) {
                 if (buf_add(&c->line, &ch, 1) < 0)
                     return -2;
-            } else
-                c->discard = 1;
+            } else if (start_discard(c, recs) < 0) {
+                return -2;
+            }
             continue;
         }
         if (c->after_cr) {
@@ -1303,8 +1359,8 @@ static int frame_bytes(client *c, const unsigned char *p, size_t n, buf *recs)
         if (!c->discard) {
             size_t room = max_line - MH_MIN(max_line, c->line.len);
             if (run > room) {
-                c->discard = 1;
-                buf_free(&c->line); /* keep memory bounded */
+                if (start_discard(c, recs) < 0)
+                    return -2;
             } else if (buf_add(&c->line, p + i, run) < 0) {
                 return -2;
             }
@@ -1352,11 +1408,11 @@ static void client_output(worker *w, client *c, const char *p, size_t n)
             break; /* nobody will read it */
         size_t pending = buf_used(&c->out) + c->tx_backlog;
         size_t room = pending < cap ? cap - pending : 0;
-        /* Only a running statement waits for room. Short texts written
-         * around it (prompts, reports, tracebacks) never make anyone wait:
-         * the host thread in non-threaded mode must not, nor the
-         * watchdog (w == NULL). */
-        if (!w || (w->is_host && !w->running))
+        /* Only a running statement waits for room (its timeout bounds the
+         * wait). What is written around statements (prompts, reports,
+         * tracebacks) never waits; it is bounded instead by taking no
+         * more input from a client over the cap (process_job). */
+        if (!w || !w->running)
             room = n;
         if (room == 0) {
             output_wait(w, c);
@@ -1734,16 +1790,24 @@ static void hostcall_exec(hostcall *hc)
     }
 }
 
-/* Run hc on the host thread (or right here, if this is the host thread,
- * not a manhole worker, or any_thread). GIL held on entry and exit.
- * Returns 0, or -1 with a Python exception set when cancelled. */
+/* Run hc on the host thread: right here if this is the host thread (or
+ * if any_thread), otherwise queued for the host's next turn while this
+ * thread waits without the GIL. GIL held on entry and exit. Returns 0, or
+ * -1 with a Python exception set when cancelled. */
 static int hostcall_run(manhole *mh, hostcall *hc, int any_thread)
 {
     worker *w = tl_worker;
-    if (any_thread || !w || w->is_host || w->mh != mh) {
+    if (w && w->mh != mh)
+        w = NULL; /* another manhole's worker: only a caller here */
+    if (any_thread || tl_host == mh) {
+        int on_host = tl_host == mh;
+        if (on_host)
+            mh->in_callback++; /* the function must not re-enter the library */
         Py_BEGIN_ALLOW_THREADS
         hostcall_exec(hc);
         Py_END_ALLOW_THREADS
+        if (on_host)
+            mh->in_callback--;
         return 0;
     }
     int cancelled = 0;
@@ -1760,7 +1824,8 @@ static int hostcall_run(manhole *mh, hostcall *hc, int any_thread)
         mh->hc_tail = hc;
         wake_host_locked(mh);
         while (!hc->done) {
-            if (!hc->started && (w->timed_out || w->want_int || mh->stopping)) {
+            if (!hc->started &&
+                ((w && (w->timed_out || w->want_int)) || mh->stopping)) {
                 /* Give up before the host starts it: unlink. */
                 hostcall **pp = &mh->hc_head;
                 hostcall *prev = NULL;
@@ -2010,8 +2075,7 @@ static PyObject *stdin_readline(worker *w, client *c)
             int ok = kind == REC_LINE && buf_add(&line, data, len) == 0 &&
                      buf_add(&line, "\n", 1) == 0;
             c->inq.head += 5 + len;
-            if (c->in_paused)
-                mark_dirty_locked(c);
+            input_drained_locked(c);
             if (ok)
                 break;
             continue;
@@ -2379,19 +2443,25 @@ static const char stacks_src[] =
     "def _make(_names):\n"
     "    def stacks(file=None):\n"
     "        \"\"\"Print the current Python stack of every thread, labelled\n"
-    "        by thread name.\"\"\"\n"
+    "        by thread name. Threads running no Python code are listed too.\"\"\"\n"
     "        import sys, threading, traceback\n"
     "        out = sys.stdout if file is None else file\n"
     "        names = {t.ident: t.name for t in threading.enumerate()}\n"
-    "        names.update(_names())\n"
+    "        for ident, label in _names().items():\n"
+    "            names[ident] = '%s, %s' % (names[ident], label) if ident in names else label\n"
     "        here = threading.get_ident()\n"
     "        frames = sys._current_frames()\n"
-    "        for ident in sorted(frames, key=lambda i: (i != here, i)):\n"
+    "        frames[here] = sys._getframe(1)  # from the caller, not stacks()\n"
+    "        shown = set(frames) | {t.ident for t in threading.enumerate()}\n"
+    "        for ident in sorted(shown, key=lambda i: (i != here, i not in frames, i)):\n"
     "            name = names.get(ident, 'thread %d' % ident)\n"
     "            note = ' (running stacks())' if ident == here else ''\n"
     "            print('Thread %r (ident %d)%s:' % (name, ident, note), file=out)\n"
-    "            print(''.join(traceback.format_stack(frames[ident])), end='', file=out)\n"
-    "        print('%d threads with Python frames' % len(frames), file=out)\n"
+    "            if ident in frames:\n"
+    "                print(''.join(traceback.format_stack(frames[ident])), end='', file=out)\n"
+    "            else:\n"
+    "                print('  (no Python code running)', file=out)\n"
+    "        print('%d threads, %d running Python code' % (len(shown), len(frames)), file=out)\n"
     "    return stacks\n";
 
 static PyObject *thread_names(PyObject *self, PyObject *noargs)
@@ -2416,8 +2486,8 @@ static PyObject *thread_names(PyObject *self, PyObject *noargs)
         Py_XDECREF(k);
         Py_XDECREF(v);
     }
-    if (mh->hostw.py_tid) {
-        PyObject *k = PyLong_FromUnsignedLong(mh->hostw.py_tid);
+    if (mh->host_py_tid) {
+        PyObject *k = PyLong_FromUnsignedLong(mh->host_py_tid);
         PyObject *v = PyUnicode_FromString("manhole host thread");
         if (k && v)
             PyDict_SetItem(d, k, v);
@@ -2815,6 +2885,19 @@ static int session_line(worker *w, client *c, const char *line, size_t len,
             write_prompt(w, c, 0);
         return RUN_OK;
     }
+    manhole *mh = c->mh;
+    if (buf_used(&c->src) + len + 1 > mh->cfg.max_input) {
+        /* A block may not grow without bound either. */
+        char msg[96];
+        snprintf(msg, sizeof msg, "manhole: block longer than %zu bytes discarded\n",
+                 mh->cfg.max_input);
+        buf_free(&c->src);
+        c->src_compile = 0;
+        client_output_str(w, c, msg);
+        if (prompt)
+            write_prompt(w, c, 0);
+        return RUN_OK;
+    }
     if (buf_used(&c->src) > 0)
         buf_add(&c->src, "\n", 1);
     buf_add(&c->src, line, len);
@@ -2823,15 +2906,37 @@ static int session_line(worker *w, client *c, const char *line, size_t len,
     PyObject *src = PyUnicode_DecodeUTF8(c->src.p + c->src.head,
                                          (Py_ssize_t)buf_used(&c->src),
                                          "surrogateescape");
+    double t0 = now_mono();
     PyObject *code = src ? compile_input(c, src, c->src.p + c->src.head) : NULL;
     Py_XDECREF(src);
     int more = 0, rc = RUN_OK;
+    if (code == Py_None) {
+        /* As codeop does, each line recompiles the whole block: a huge
+         * one gets slow. Its compiling gets the statement timeout. */
+        c->src_compile += now_mono() - t0;
+        if (mh->cfg.timeout > 0 && c->src_compile > mh->cfg.timeout) {
+            char msg[128];
+            snprintf(msg, sizeof msg,
+                     "manhole: block discarded: compiling it took longer than "
+                     "the %g s timeout\n",
+                     mh->cfg.timeout);
+            Py_CLEAR(code);
+            buf_free(&c->src);
+            c->src_compile = 0;
+            client_output_str(w, c, msg);
+            if (prompt)
+                write_prompt(w, c, 0);
+            return RUN_OK;
+        }
+    }
     if (!code) {
         buf_clear(&c->src);
+        c->src_compile = 0;
         show_exception(1);
     } else if (code == Py_None) {
         more = 1;
     } else {
+        c->src_compile = 0;
         buf_clear(&c->src);
         rc = run_code(w, c, code);
     }
@@ -2847,6 +2952,7 @@ static int session_record(worker *w, client *c, int kind, const char *data,
 {
     if (kind == REC_ERROR) {
         buf_clear(&c->src); /* a damaged block is not worth finishing */
+        c->src_compile = 0;
         client_output(w, c, data, len);
         client_output(w, c, "\n", 1);
         write_prompt(w, c, 0);
@@ -2856,7 +2962,7 @@ static int session_record(worker *w, client *c, int kind, const char *data,
         int rc = RUN_OK;
         if (buf_used(&c->src) > 0) /* as if an empty line had followed */
             rc = session_line(w, c, "", 0, 0);
-        if (rc == RUN_OK) {
+        if (rc != RUN_EXIT) { /* (an abandoned one was answered already) */
             pthread_mutex_lock(&c->mh->lock);
             c->eof_done = 1;
             mark_dirty_locked(c);
@@ -2871,7 +2977,7 @@ static int session_record(worker *w, client *c, int kind, const char *data,
 /* Workers and the watchdog                                             */
 /* ==================================================================== */
 
-static void worker_spawn_locked(manhole *mh);
+static int worker_spawn_locked(manhole *mh);
 
 /* Queue c for a worker (the job holds a reference). Lock held. */
 static void enqueue_locked(client *c)
@@ -2935,8 +3041,7 @@ static int pop_record_locked(worker *w, client *c, int *kind)
     if (buf_add(&w->rec, h + 5, len) < 0)
         return 0;
     c->inq.head += 5 + (size_t)len;
-    if (c->in_paused && buf_used(&c->inq) <= c->mh->cfg.max_input / 2)
-        mark_dirty_locked(c); /* the host may read again */
+    input_drained_locked(c);
     return 1;
 }
 
@@ -2952,6 +3057,10 @@ static void process_job(worker *w, client *c)
     int requeue = 0;
     while (!c->dead && !c->exiting && !mh->stopping) {
         int kind;
+        if (buf_used(&c->out) + c->tx_backlog >= mh->cfg.max_output) {
+            c->out_blocked = 1; /* the host requeues it once it reads */
+            break;
+        }
         if (!pop_record_locked(w, c, &kind))
             break;
         pthread_mutex_unlock(&mh->lock);
@@ -2964,10 +3073,14 @@ static void process_job(worker *w, client *c)
             LOG_LOCKED(mh, MANHOLE_LOG_INFO,
                        "client #%u: timed-out statement ended", c->id);
             w->c = NULL;
-            if (c->refs == 1 && c->has_session) {
+            if (c->dead && c->has_session && !c->busy) {
+                /* Gone while we were stuck, and nobody else has it: the
+                 * session is ours to release. */
+                c->busy = 1;
                 pthread_mutex_unlock(&mh->lock);
                 session_close(c);
                 pthread_mutex_lock(&mh->lock);
+                c->busy = 0;
             }
             client_unref_locked(c);
             pthread_mutex_unlock(&mh->lock);
@@ -3050,7 +3163,7 @@ static void *worker_main(void *arg)
         client *c = dequeue_locked(mh);
         if (!c) {
             mh->nidle++;
-            struct timespec until = abs_realtime(WORKER_IDLE_SECONDS);
+            struct timespec until = cond_deadline(WORKER_IDLE_SECONDS);
             int r = pthread_cond_timedwait(&mh->work_cv, &mh->lock, &until);
             mh->nidle--;
             if (r == ETIMEDOUT && !mh->jq_head && mh->nworkers > 1)
@@ -3090,15 +3203,15 @@ gone:
 #define MAX_THREADS_ABANDONED 64
 #define SPAWN_DELAY 0.002 /* seconds without progress before another worker */
 
-/* Start a worker if the pool may grow. Lock held. */
-static void worker_spawn_locked(manhole *mh)
+/* Start a worker if the pool may grow. Returns 1 if it did. Lock held. */
+static int worker_spawn_locked(manhole *mh)
 {
     if (mh->stopping || mh->nworkers >= mh->cfg.max_workers ||
         mh->nthreads >= mh->cfg.max_workers + MAX_THREADS_ABANDONED)
-        return;
+        return 0;
     worker *w = calloc(1, sizeof *w);
     if (!w)
-        return;
+        return 0;
     w->mh = mh;
     w->index = ++mh->worker_seq;
     sigset_t all, old;
@@ -3110,13 +3223,14 @@ static void worker_spawn_locked(manhole *mh)
         LOG_LOCKED(mh, MANHOLE_LOG_ERROR, "cannot start a worker thread: %s",
                    strerror(r));
         free(w);
-        return;
+        return 0;
     }
     w->next = mh->workers;
     mh->workers = w;
     mh->nworkers++;
     mh->nthreads++;
     watchdog_ensure_locked(mh);
+    return 1;
 }
 
 /* Join workers that have exited (cheap; host thread). */
@@ -3151,7 +3265,9 @@ static void abandon_locked(worker *w)
     manhole *mh = w->mh;
     client *c = w->c;
     w->timed_out = 1;
-    mh->nworkers--;
+    mh->nworkers--; /* a slot in the pool is free again */
+    if (mh->njobs > mh->nidle && mh->starve_since == 0)
+        mh->starve_since = now_mono();
     LOG_LOCKED(mh, MANHOLE_LOG_INFO,
                "client #%u: statement timed out after %g s", c->id,
                mh->cfg.timeout);
@@ -3187,7 +3303,7 @@ static void *watchdog_main(void *arg)
     manhole *mh = arg;
     block_signals();
     pthread_mutex_lock(&mh->lock);
-    while (!mh->wd_stop) {
+    for (;;) {
         double now = now_mono(), next = 0;
         int pending = 0;
         for (worker *w = next_worker(mh, NULL); w; w = next_worker(mh, w)) {
@@ -3214,11 +3330,14 @@ static void *watchdog_main(void *arg)
                 double since = mh->last_pickup > mh->starve_since ? mh->last_pickup
                                                                   : mh->starve_since;
                 if (now >= since + SPAWN_DELAY) {
-                    worker_spawn_locked(mh);
-                    mh->starve_since = now; /* look again a delay later */
-                    since = now;
+                    if (worker_spawn_locked(mh)) {
+                        mh->starve_since = now; /* look again a delay later */
+                        since = now;
+                    } else { /* the pool is full: wait for a worker */
+                        mh->starve_since = 0;
+                    }
                 }
-                if (next == 0 || since + SPAWN_DELAY < next)
+                if (mh->starve_since > 0 && (next == 0 || since + SPAWN_DELAY < next))
                     next = since + SPAWN_DELAY;
             }
         }
@@ -3239,9 +3358,13 @@ static void *watchdog_main(void *arg)
             pthread_mutex_lock(&mh->lock);
             continue;
         }
+        /* Stop only after a scan found nothing left to deliver: close
+         * asks for its interrupts and for the stop together. */
+        if (mh->wd_stop)
+            break;
         mh->wd_wake_at = next;
         if (next > 0) {
-            struct timespec until = abs_realtime(next - now + 0.0005);
+            struct timespec until = cond_deadline(next - now + 0.0005);
             pthread_cond_timedwait(&mh->wd_cv, &mh->lock, &until);
         } else {
             pthread_cond_wait(&mh->wd_cv, &mh->lock);
@@ -3257,7 +3380,7 @@ static void *watchdog_main(void *arg)
 /* Start the watchdog if it is not running. Lock held. */
 static void watchdog_ensure_locked(manhole *mh)
 {
-    if (mh->wd_started || mh->stopping)
+    if (mh->wd_started || mh->wd_stop)
         return;
     sigset_t all, old;
     sigfillset(&all);
@@ -3330,8 +3453,10 @@ static void client_close(client *c, const char *why)
     if (c->runner)
         request_interrupt_locked(c->runner);
     if (c->exiting) {
-        mh->exits_ready++;
-        mh->exit_status = c->exit_status;
+        if (mh->exits_ready < (int)(sizeof mh->exit_q / sizeof mh->exit_q[0]))
+            mh->exit_q[mh->exits_ready++] = c->exit_status;
+        else /* a flood of exits: keep the latest */
+            mh->exit_q[mh->exits_ready - 1] = c->exit_status;
     }
     if (c->has_session && !c->busy)
         enqueue_locked(c); /* a worker releases the Python session */
@@ -3370,6 +3495,11 @@ static int client_flush(client *c)
             c->tx_backlog = buf_used(&c->tx);
             if (c->out_waiters)
                 pthread_cond_broadcast(&c->cv);
+            if (c->out_blocked && c->tx_backlog < mh->cfg.max_output) {
+                c->out_blocked = 0; /* it reads again: take its input */
+                if (!c->busy && !c->dead && !c->exiting && buf_used(&c->inq) >= 5)
+                    enqueue_locked(c);
+            }
             pthread_mutex_unlock(&mh->lock);
             if (buf_used(&c->tx) == 0)
                 return 0;
@@ -3566,7 +3696,9 @@ static void on_accept(manhole *mh, int lfd, int transport)
             continue;
         }
         client *c = calloc(1, sizeof *c);
-        if (!c || pthread_cond_init(&c->cv, NULL) != 0) {
+        if (c)
+            cond_init(&c->cv);
+        if (!c) {
             free(c);
             send_and_close(fd, "manhole: out of memory\n");
             continue;
@@ -3595,7 +3727,7 @@ static void on_accept(manhole *mh, int lfd, int transport)
             mh->clients->prev = c;
         mh->clients = c;
         mh->nclients++;
-        LOG(mh, MANHOLE_LOG_INFO, "client #%u connected (%s)", c->id, c->peer);
+        LOG(mh, MANHOLE_LOG_INFO, "accepted client #%u (%s)", c->id, c->peer);
         /* Banner and first prompt need no Python: send them now. */
         buf_add(&c->tx, mh->banner ? mh->banner : "", mh->banner_len);
         pthread_mutex_lock(&mh->lock);
@@ -3610,13 +3742,14 @@ static void on_accept(manhole *mh, int lfd, int transport)
 static void process_dirty(manhole *mh)
 {
     pthread_mutex_lock(&mh->lock);
-    int wake = mh->wake_pending, fd_set = mh->wake_fd_set;
-    pthread_mutex_unlock(&mh->lock);
-    if (!wake)
+    if (!mh->wake_pending) {
+        pthread_mutex_unlock(&mh->lock);
         return;
-    if (fd_set)
-        drain_wake(mh); /* first, so no wake-up is lost (see wake_host_locked) */
-    pthread_mutex_lock(&mh->lock);
+    }
+    /* Drain and clear together, under the lock every writer holds: no
+     * wake-up can slip in between and be lost or left armed. */
+    if (mh->wake_fd_set)
+        drain_wake(mh);
     mh->wake_pending = 0;
     mh->wake_fd_set = 0;
     client *list = mh->dirty, *done = NULL;
@@ -3773,7 +3906,8 @@ static int turn_finish(manhole *mh)
         graveyard_release(mh);
     log_flush(mh);
     if (mh->exits_ready > 0) {
-        mh->exits_ready--;
+        mh->exit_status = mh->exit_q[0];
+        memmove(mh->exit_q, mh->exit_q + 1, (size_t)--mh->exits_ready * sizeof mh->exit_q[0]);
         return MANHOLE_EXIT;
     }
     return MANHOLE_OK;
@@ -3886,6 +4020,7 @@ static int py_open(manhole *mh)
         Py_XDECREF(stacks);
         goto fail_support;
     }
+    mh->host_py_tid = PyThread_get_thread_ident();
     mh->compiler_cls = PyObject_GetAttrString(codeop, "CommandCompiler");
     mh->filename = PyUnicode_InternFromString("<stdin>");
     mh->single = PyUnicode_InternFromString("single");
@@ -3996,10 +4131,10 @@ int manhole_open(manhole **out, const manhole_config *cfg_in, char *err,
     mh->epfd = -1;
 #endif
     pthread_mutex_init(&mh->lock, NULL);
-    pthread_cond_init(&mh->work_cv, NULL);
-    pthread_cond_init(&mh->wd_cv, NULL);
-    pthread_cond_init(&mh->gone_cv, NULL);
-    pthread_cond_init(&mh->hc_cv, NULL);
+    cond_init(&mh->work_cv);
+    cond_init(&mh->wd_cv);
+    cond_init(&mh->gone_cv);
+    cond_init(&mh->hc_cv);
     mh->hostw.mh = mh;
     mh->hostw.is_host = 1;
     snprintf(mh->ps1, sizeof mh->ps1, ">>> ");
@@ -4077,12 +4212,15 @@ int manhole_open(manhole **out, const manhole_config *cfg_in, char *err,
     }
     if ((rc = py_open(mh)) != MANHOLE_OK)
         goto fail;
-    LOG(mh, MANHOLE_LOG_INFO, "manhole %s open (%s%s%s%s, %s, timeout %g s, %s namespace)",
-        MANHOLE_VERSION_STRING, mh->unix_path ? "unix:" : "",
-        mh->unix_path ? mh->unix_path : "", mh->lfd_tcp >= 0 ? " tcp:" : "",
-        mh->lfd_tcp >= 0 ? mh->tcp_host : "", c->threaded ? "threaded" : "non-threaded",
-        c->timeout, c->shared_namespace ? "shared" : "per-client");
+    char where[PATH_MAX + 128];
+    snprintf(where, sizeof where, "%s%s%s%s%s", mh->unix_path ? "unix:" : "",
+             mh->unix_path ? mh->unix_path : "", mh->unix_path && mh->lfd_tcp >= 0 ? " " : "",
+             mh->lfd_tcp >= 0 ? "tcp:" : "", mh->lfd_tcp >= 0 ? mh->tcp_host : "");
+    LOG(mh, MANHOLE_LOG_INFO, "manhole %s open (%s, %s, timeout %g s, %s namespace)",
+        MANHOLE_VERSION_STRING, where, c->threaded ? "threaded" : "non-threaded", c->timeout,
+        c->shared_namespace ? "shared" : "per-client");
     log_flush(mh);
+    tl_host = mh;
     *out = mh;
     return MANHOLE_OK;
 
@@ -4217,7 +4355,7 @@ void manhole_close(manhole *mh)
     pthread_cond_broadcast(&mh->wd_cv);
     while ((mh->nthreads > 0 || (mh->wd_started && !mh->wd_exited)) &&
            now_mono() < until) {
-        struct timespec ts = abs_realtime(0.05);
+        struct timespec ts = cond_deadline(0.05);
         pthread_cond_timedwait(&mh->gone_cv, &mh->lock, &ts);
     }
     int stuck = mh->nthreads + (mh->wd_started && !mh->wd_exited);
@@ -4239,6 +4377,8 @@ void manhole_close(manhole *mh)
         if (lent)
             PyEval_RestoreThread(lent);
         mh->in_callback--;
+        if (tl_host == mh)
+            tl_host = NULL;
         manhole_free(mh, FREE_LEAVE);
         return;
     }
@@ -4297,6 +4437,8 @@ void manhole_close(manhole *mh)
         PyGILState_Release(g);
     }
     mh->in_callback--;
+    if (tl_host == mh)
+        tl_host = NULL;
     manhole_free(mh, FREE_ALL);
 }
 
@@ -4331,6 +4473,8 @@ static int finish_and_maybe_close(manhole *mh)
 static int internal_timeout(manhole *mh)
 {
     int t = -1;
+    if (mh->exits_ready > 0) /* one MANHOLE_EXIT per call: come back */
+        return 0;
     if (!mh->cfg.threaded) {
         pthread_mutex_lock(&mh->lock);
         int jobs = mh->jq_head != NULL;
@@ -4353,6 +4497,7 @@ static int internal_timeout(manhole *mh)
 int manhole_poll(manhole *mh, int timeout_ms)
 {
     API_GUARD(mh);
+    tl_host = mh;
     int wait = timeout_ms;
     int t = internal_timeout(mh);
     if (t >= 0 && (wait < 0 || t < wait))
@@ -4425,6 +4570,7 @@ static int in_set(int fd, const fd_set *s)
 int manhole_process(manhole *mh, const fd_set *rd, const fd_set *wr)
 {
     API_GUARD(mh);
+    tl_host = mh;
     client *next;
     for (client *c = mh->clients; c; c = next) {
         next = c->next;
@@ -4468,13 +4614,7 @@ int manhole_wakeup(manhole *mh)
     if (!mh)
         return MANHOLE_EINVAL;
     pthread_mutex_lock(&mh->lock);
-    if (!mh->wake_fd_set && mh->wake_w >= 0) {
-        mh->wake_pending = 0; /* force the write below */
-        worker *saved = tl_worker;
-        tl_worker = NULL;
-        wake_host_locked(mh);
-        tl_worker = saved;
-    }
+    wake_host_force_locked(mh, 1);
     pthread_mutex_unlock(&mh->lock);
     return MANHOLE_OK;
 }

@@ -244,8 +244,13 @@ MANHOLE_API int manhole_client_count(const manhole *mh);
 /*
  * Names set here are seen by every client: in the shared namespace
  * directly, or in each client's copy (copied when the client runs its first
- * statement). These calls take the GIL, so call them from the host thread
- * while setting up, or between loop turns; they are cheap.
+ * statement; bindings are live in every copy). These calls take the GIL,
+ * so call them from the host thread while setting up, or between loop
+ * turns; they are cheap. Each returns MANHOLE_OK, MANHOLE_EINVAL (NULL or
+ * empty name, bad argument), MANHOLE_EPYTHON (Python refused: see
+ * manhole_errmsg), or MANHOLE_EFORKED; manhole_unset() also
+ * MANHOLE_ENOTFOUND. Setting a name replaces any value, binding or
+ * function of that name.
  */
 
 /* Types of values, for bindings and for C functions. */
@@ -328,9 +333,11 @@ typedef int manhole_fn(void *ud, int argc, const manhole_value *argv,
                        manhole_value *ret, char *err, size_t errlen);
 
 /* Publish fn as name. By default it runs on the host thread, inside
- * manhole_poll()/manhole_process(), so it may touch host state without
- * locks; with MANHOLE_ANY_THREAD it runs directly on the thread running the
- * statement. doc becomes its __doc__ (may be NULL). */
+ * manhole_poll()/manhole_process(), whichever thread calls it (a worker, a
+ * thread started from the REPL), so it may touch host state without locks;
+ * calls back into the library from it fail with MANHOLE_ERECURSIVE. With
+ * MANHOLE_ANY_THREAD it runs directly on the calling thread. doc becomes
+ * its __doc__ (may be NULL). */
 MANHOLE_API int manhole_def(manhole *mh, const char *name, manhole_fn *fn,
                             void *ud, const char *doc, int flags);
 

@@ -85,6 +85,8 @@ static void cmd_syscall(long n)
 static void cmd_wakeups(manhole *mh, double seconds)
 {
     long wakeups = 0;
+    manhole_poll(mh, 0); /* settle what the previous command left ready */
+    manhole_poll(mh, 0);
     double end = now_s() + seconds;
     for (;;) {
         fd_set rd, wr;

@@ -15,6 +15,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <getopt.h>
+#include <poll.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -37,14 +38,33 @@ static void on_signal(int sig)
     errno = e;
 }
 
+/* Log lines go to stderr. While the manhole opens they are held back: if
+ * the open fails, its one error line is all the user sees. */
+static char held[4096] = "";
+static size_t held_len;
+static int holding = 1;
+
 static void log_line(void *ud, int level, const char *msg)
 {
     static const char *names[] = {"error", "warning", "info", "audit", "debug"};
     (void)ud;
     if (quiet && level > MANHOLE_LOG_WARNING)
         return;
-    fprintf(stderr, "manhole-demo: %s: %s\n",
-            level >= 0 && level <= 4 ? names[level] : "?", msg);
+    char line[1200];
+    int n = snprintf(line, sizeof line, "manhole-demo: %s: %s\n",
+                     level >= 0 && level <= 4 ? names[level] : "?", msg);
+    if (n < 0)
+        return;
+    if ((size_t)n >= sizeof line)
+        n = (int)sizeof line - 1;
+    if (holding) {
+        if (held_len + (size_t)n < sizeof held) {
+            memcpy(held + held_len, line, (size_t)n);
+            held_len += (size_t)n;
+        }
+        return;
+    }
+    fputs(line, stderr);
 }
 
 static double now_ms(void)
@@ -74,9 +94,9 @@ static void usage(FILE *f, const char *argv0)
             "usage: %s [options]\n"
             "A C host with a Python manhole; nc -U PATH to get a prompt.\n"
             "\n"
-            "  --path PATH        UNIX socket (default /var/tmp/testing.manhole;\n"
-            "                     '' for none)\n"
-            "  --port N           also listen on TCP port N (0: any free port)\n"
+            "  --path PATH        UNIX socket (default /var/tmp/testing.manhole,\n"
+            "                     unless --port is given; '' for none)\n"
+            "  --port N           listen on TCP port N (0: any free port)\n"
             "  --host ADDR        TCP address (default 127.0.0.1)\n"
             "  --allow-nonlocal   allow a non-loopback --host\n"
             "  --mode OCTAL       socket file permissions (default 600)\n"
@@ -150,9 +170,13 @@ int main(int argc, char **argv)
     double d;
     char *end;
     opterr = 0;
+    int path_given = 0;
     while ((o = getopt_long(argc, argv, "", opts, NULL)) != -1) {
         switch (o) {
-        case OPT_PATH: cfg.unix_path = optarg[0] ? optarg : NULL; break;
+        case OPT_PATH:
+            cfg.unix_path = optarg[0] ? optarg : NULL;
+            path_given = 1;
+            break;
         case OPT_PORT:
             if (parse_number(optarg, &d) < 0 || d > 65535 || d != (int)d)
                 goto bad;
@@ -202,6 +226,8 @@ int main(int argc, char **argv)
     }
     if (optind < argc)
         goto bad;
+    if (cfg.tcp_port >= 0 && !path_given)
+        cfg.unix_path = NULL; /* --port alone: TCP only */
     if (!cfg.unix_path && cfg.tcp_port < 0) {
         fprintf(stderr, "%s: nothing to listen on (give --path or --port)\n", argv[0]);
         return 2;
@@ -229,6 +255,8 @@ int main(int argc, char **argv)
         fprintf(stderr, "manhole-demo: %s\n", err);
         return 1;
     }
+    holding = 0;
+    fputs(held, stderr);
     manhole_bind(mh, "ticks", MANHOLE_LONG, &ticks, 0);
     manhole_def(mh, "demo_add", demo_add, NULL,
                 "demo_add(a, b) -> a + b, computed by the C host", 0);
@@ -241,30 +269,59 @@ int main(int argc, char **argv)
 
     int status = 0;
     double next_tick = now_ms() + 100;
+    /* poll() once a descriptor (ours or the manhole's) does not fit in an
+     * fd_set: FD_SET on it would write past the set. */
+    int use_poll = sig_pipe[0] >= FD_SETSIZE;
+    if (use_poll)
+        fprintf(stderr, "manhole-demo: descriptor %d does not fit in an fd_set; "
+                        "using poll() from now on\n", sig_pipe[0]);
+    struct pollfd *pfds = NULL;
+    int pcap = 0;
     for (;;) {
         fd_set rd, wr;
-        FD_ZERO(&rd);
-        FD_ZERO(&wr);
-        int maxfd = sig_pipe[0];
-        FD_SET(sig_pipe[0], &rd);
-        int frc = manhole_fdset(mh, &rd, &wr, &maxfd);
-        if (frc < 0 && frc != MANHOLE_EFDSETSIZE) {
-            fprintf(stderr, "manhole-demo: %s\n", manhole_errmsg(mh));
-            status = 1;
-            break;
+        int n, maxfd = sig_pipe[0];
+        if (!use_poll) {
+            FD_ZERO(&rd);
+            FD_ZERO(&wr);
+            FD_SET(sig_pipe[0], &rd);
+            int frc = manhole_fdset(mh, &rd, &wr, &maxfd);
+            if (frc == MANHOLE_EFDSETSIZE) {
+                fprintf(stderr, "manhole-demo: %s; using poll() from now on\n",
+                        manhole_errmsg(mh));
+                use_poll = 1;
+            } else if (frc < 0) {
+                fprintf(stderr, "manhole-demo: %s\n", manhole_errmsg(mh));
+                status = 1;
+                break;
+            }
         }
         double wait = next_tick - now_ms();
         int t = manhole_timeout(mh);
-        if (frc == MANHOLE_EFDSETSIZE && (t < 0 || t > 10))
-            t = 10; /* cannot watch everything: look again soon */
         if (t >= 0 && t < wait)
             wait = t;
         if (wait < 0)
             wait = 0;
-        struct timeval tv = {(time_t)(wait / 1000), (suseconds_t)((long)wait % 1000 * 1000)};
-        int n = select(maxfd + 1, &rd, &wr, NULL, &tv);
+        if (use_poll) {
+            /* The same loop with poll(): the signal pipe first, then the
+             * manhole's descriptors. */
+            int need = 1 + manhole_pollfds(mh, NULL, 0);
+            if (need > pcap) {
+                pcap = need * 2;
+                pfds = realloc(pfds, (size_t)pcap * sizeof *pfds);
+                if (!pfds) {
+                    status = 1;
+                    break;
+                }
+            }
+            pfds[0] = (struct pollfd){sig_pipe[0], POLLIN, 0};
+            int k = manhole_pollfds(mh, pfds + 1, pcap - 1);
+            n = poll(pfds, (nfds_t)(1 + (k < pcap - 1 ? k : pcap - 1)), (int)wait);
+        } else {
+            struct timeval tv = {(time_t)(wait / 1000), (suseconds_t)((long)wait % 1000 * 1000)};
+            n = select(maxfd + 1, &rd, &wr, NULL, &tv);
+        }
         if (n < 0 && errno != EINTR) {
-            perror("manhole-demo: select");
+            perror("manhole-demo: wait");
             status = 1;
             break;
         }
@@ -275,7 +332,10 @@ int main(int argc, char **argv)
             __atomic_store_n(&ticks, ticks + 1, __ATOMIC_RELAXED);
             next_tick += 100;
         }
-        rc = n > 0 ? manhole_process(mh, &rd, &wr) : manhole_process(mh, NULL, NULL);
+        if (use_poll)
+            rc = manhole_poll(mh, 0);
+        else
+            rc = n > 0 ? manhole_process(mh, &rd, &wr) : manhole_process(mh, NULL, NULL);
         if (rc == MANHOLE_EXIT) {
             status = manhole_exit_status(mh);
             break;
@@ -283,6 +343,7 @@ int main(int argc, char **argv)
         if (rc < 0)
             fprintf(stderr, "manhole-demo: %s\n", manhole_errmsg(mh));
     }
+    free(pfds);
     manhole_close(mh);
     return status;
 

@@ -73,6 +73,10 @@ static void close_one(uv_handle_t *h, void *arg)
 
 int main(int argc, char **argv)
 {
+    if (argc > 3 || (argc > 1 && argv[1][0] == '-')) {
+        fprintf(stderr, "usage: %s [PATH [TIMEOUT]]\n", argv[0]);
+        return 2;
+    }
     manhole_config cfg;
     manhole_config_init(&cfg);
     cfg.unix_path = argc > 1 ? argv[1] : "/var/tmp/example.manhole";

@@ -23,6 +23,10 @@ static long seconds;
 
 int main(int argc, char **argv)
 {
+    if (argc > 3 || (argc > 1 && argv[1][0] == '-')) {
+        fprintf(stderr, "usage: %s [PATH [TIMEOUT]]\n", argv[0]);
+        return 2;
+    }
     manhole_config cfg;
     manhole_config_init(&cfg);
     cfg.unix_path = argc > 1 ? argv[1] : "/var/tmp/example.manhole";
@@ -41,21 +45,35 @@ int main(int argc, char **argv)
     fflush(stdout);
 
     time_t next = time(NULL) + 1;
-    int status = 0;
+    int status = 0, too_many = 0;
     while (!stop) {
         fd_set rd, wr;
         FD_ZERO(&rd);
         FD_ZERO(&wr);
         int maxfd = -1;
         /* ... FD_SET the program's own descriptors here ... */
-        if (manhole_fdset(mh, &rd, &wr, &maxfd) == MANHOLE_EFDSETSIZE)
-            fprintf(stderr, "select-host: %s\n", manhole_errmsg(mh));
         long ms = (long)(next - time(NULL)) * 1000;
         int t = manhole_timeout(mh);
         if (t >= 0 && t < ms)
             ms = t;
         if (ms < 0)
             ms = 0;
+        if (too_many || manhole_fdset(mh, &rd, &wr, &maxfd) == MANHOLE_EFDSETSIZE) {
+            /* A descriptor above FD_SETSIZE: select() cannot watch it. */
+            if (!too_many++)
+                fprintf(stderr, "select-host: %s; waiting in manhole_poll()\n",
+                        manhole_errmsg(mh));
+            int rc = manhole_poll(mh, (int)ms);
+            if (time(NULL) >= next) {
+                __atomic_store_n(&seconds, seconds + 1, __ATOMIC_RELAXED);
+                next++;
+            }
+            if (rc == MANHOLE_EXIT) {
+                status = manhole_exit_status(mh);
+                break;
+            }
+            continue;
+        }
         struct timeval tv = {ms / 1000, (ms % 1000) * 1000};
         int n = select(maxfd + 1, &rd, &wr, NULL, &tv);
         if (n < 0 && errno != EINTR)

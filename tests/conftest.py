@@ -50,7 +50,8 @@ class Timeout(AssertionError):
 class Proc:
     """A host process; reads its stdout and stderr in the background."""
 
-    def __init__(self, argv, env=None, preexec_fn=None, wait_listening=True, cwd=None):
+    def __init__(self, argv, env=None, preexec_fn=None, wait_listening=True, cwd=None,
+                 close_fds=True):
         self.argv = [str(a) for a in argv]
         full_env = dict(os.environ)
         full_env.update(env or {})
@@ -62,6 +63,7 @@ class Proc:
             env=full_env,
             preexec_fn=preexec_fn,
             cwd=cwd,
+            close_fds=close_fds,
         )
         self._out = bytearray()
         self._err = bytearray()

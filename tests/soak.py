@@ -61,7 +61,7 @@ class Load:
             c.send(b"y = '\xc3\x28'\n")
             self.check(c.read_until(PS1).startswith(b"manhole: line discarded"), "bad utf-8")
             c.send(b"z = '" + b"q" * 10000 + b"'\n")
-            self.check(c.read_until(PS1).startswith(b"manhole: line longer"), "long line")
+            self.check(c.read_until(PS1).startswith(b"manhole: line too long"), "long line")
             self.check(c.cmd("'fine'") == "'fine'\n", "after bad input")
             c.close()
         elif r < 0.55:

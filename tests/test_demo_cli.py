@@ -152,3 +152,22 @@ def test_defaults_match_the_quick_example():
         assert "timeout 5 s" in p.err
     finally:
         p.stop()
+
+
+def test_port_alone_listens_on_tcp_only(start):
+    p = start(DEMO, "--port", "0", path=False)
+    assert "listening on unix:" not in p.out
+    assert Client.tcp(p.tcp_port).cmd("1 + 1") == "2\n"
+
+
+def test_demo_started_with_1100_files_open_still_serves(start, sockdir):
+    """Its listener lands above FD_SETSIZE: the demo's select() loop cannot
+    watch it, so the demo says so once and carries on with poll()."""
+    # descriptors 3..1102 taken right before exec, so the demo's own land
+    # above 1024
+    script = 'ulimit -n 4096 && for i in $(seq 3 1102); do eval "exec $i</dev/null"; done && exec "$@"'
+    p = start("bash", "-c", script, "bash", str(DEMO), "--path", str(sockdir / "s"), path=False)
+    c = p.client()
+    assert c.cmd("print('served')") == "served\n"
+    assert c.cmd("import os; sorted(int(f) for f in os.listdir('/proc/self/fd'))[-1] > 1100") == "True\n"
+    assert "using poll() from now on" in p.err

@@ -165,6 +165,24 @@ def test_stacks_labels_threads_by_name(demo):
     c.cmd("import threading, time; ev = threading.Event()")
     c.cmd("t = threading.Thread(target=ev.wait, name='named-by-the-repl'); t.start()")
     out = c.cmd("stacks()")
-    assert "Thread 'named-by-the-repl'" in out
+    assert "Thread 'named-by-the-repl'" in out and "in wait" in out
     assert "manhole worker" in out and "(running stacks())" in out
+    # the demo's C main thread runs no Python, and is listed as such
+    assert "Thread 'MainThread, manhole host thread'" in out
+    assert "(no Python code running)" in out
+    # the caller's stack, without stacks() itself
+    assert 'File "<stdin>", line 1, in <module>' in out and "in stacks" not in out
     c.cmd("ev.set(); t.join()")
+
+
+def test_install_with_prefix_writes_pc_for_that_prefix(tmp_path):
+    """make install PREFIX=X: pkg-config then points into X (the .pc is
+    written for the prefix of this install, whatever was built before)."""
+    prefix = tmp_path / "prefix"
+    make = ["make", "-s", "-C", str(ROOT), "B=%s" % BUILD, "PREFIX=%s" % prefix]
+    subprocess.run(make + ["install"], check=True, stdout=subprocess.DEVNULL)
+    env = dict(os.environ, PKG_CONFIG_PATH=str(prefix / "lib" / "pkgconfig"))
+    out = subprocess.run(["pkg-config", "--cflags", "--libs", "manhole"], env=env,
+                         stdout=subprocess.PIPE, check=True).stdout.decode()
+    assert "-I%s/include" % prefix in out and "-L%s/lib" % prefix in out
+    subprocess.run(make + ["uninstall"], check=True, stdout=subprocess.DEVNULL)

@@ -136,6 +136,22 @@ static int fn_turns(void *ud, int argc, const manhole_value *argv,
     return 0;
 }
 
+/* reenter(): a C function that calls back into the library, as a careless
+ * "shutdown" command might; returns what manhole_poll() said. */
+static manhole *the_mh;
+static int fn_reenter(void *ud, int argc, const manhole_value *argv,
+                      manhole_value *ret, char *err, size_t errlen)
+{
+    (void)ud;
+    (void)argc;
+    (void)argv;
+    (void)err;
+    (void)errlen;
+    ret->type = MANHOLE_LLONG;
+    ret->i = manhole_poll(the_mh, 0);
+    return 0;
+}
+
 static void open_files(int n)
 {
     for (int i = 0; i < n; i++)
@@ -170,7 +186,7 @@ int main(int argc, char **argv)
         OPT_PATH = 1, OPT_PORT, OPT_NOTHREADED, OPT_TIMEOUT, OPT_SHARED, OPT_LOOP,
         OPT_PYTHON, OPT_FILES, OPT_FILES_AFTER, OPT_FORK, OPT_MAXCLIENTS, OPT_MAXOUTPUT,
         OPT_MAXLINE, OPT_MODE, OPT_AUDIT, OPT_KEEP, OPT_HOST, OPT_NONLOCAL, OPT_BANNER,
-        OPT_IDLE, OPT_WORKERS, OPT_NOTICK, OPT_PRIO
+        OPT_IDLE, OPT_WORKERS, OPT_NOTICK, OPT_PRIO, OPT_MAXINPUT
     };
     static const struct option opts[] = {
         {"path", required_argument, NULL, OPT_PATH},
@@ -189,6 +205,7 @@ int main(int argc, char **argv)
         {"max-clients", required_argument, NULL, OPT_MAXCLIENTS},
         {"max-output", required_argument, NULL, OPT_MAXOUTPUT},
         {"max-line", required_argument, NULL, OPT_MAXLINE},
+        {"max-input", required_argument, NULL, OPT_MAXINPUT},
         {"max-workers", required_argument, NULL, OPT_WORKERS},
         {"mode", required_argument, NULL, OPT_MODE},
         {"idle-timeout", required_argument, NULL, OPT_IDLE},
@@ -216,6 +233,7 @@ int main(int argc, char **argv)
         case OPT_MAXCLIENTS: cfg.max_clients = atoi(optarg); break;
         case OPT_MAXOUTPUT: cfg.max_output = (size_t)atol(optarg); break;
         case OPT_MAXLINE: cfg.max_line = (size_t)atol(optarg); break;
+        case OPT_MAXINPUT: cfg.max_input = (size_t)atol(optarg); break;
         case OPT_WORKERS: cfg.max_workers = atoi(optarg); break;
         case OPT_MODE: cfg.unix_mode = (unsigned)strtoul(optarg, NULL, 8); break;
         case OPT_IDLE: cfg.idle_timeout = atof(optarg); break;
@@ -269,6 +287,8 @@ int main(int argc, char **argv)
     manhole_def(mh, "on_host_thread", fn_on_host, NULL, NULL, 0);
     manhole_def(mh, "any_thread_echo", fn_echo, NULL, NULL, MANHOLE_ANY_THREAD);
     manhole_def(mh, "turns", fn_turns, NULL, "host loop turns so far", 0);
+    the_mh = mh;
+    manhole_def(mh, "reenter", fn_reenter, NULL, NULL, 0);
     manhole_set_int(mh, "answer", 42);
     manhole_set_double(mh, "pi", 3.25);
     manhole_set_string(mh, "greeting", "h\xc3\xa9llo");
