@@ -2094,27 +2094,25 @@ static PyObject *stdin_readline(worker *w, client *c)
     return r;
 }
 
+static PyObject *proxy_forward(PyObject *self, const char *name, PyObject *args);
+
+/* readline() and read() on a manhole thread give the client's next line
+ * (read() too: a REPL has nothing more to give at once); elsewhere they
+ * are the original stream's. */
 static PyObject *proxy_readline(PyObject *self, PyObject *args)
 {
-    ProxyObject *p = (ProxyObject *)self;
     client *c = current_client();
     if (!c)
-        return PyObject_CallMethod(p->orig, "readline", "O", args ? args : Py_None);
+        return proxy_forward(self, "readline", args);
     return stdin_readline(tl_worker, c);
 }
 
-static PyObject *proxy_readline_m(PyObject *self, PyObject *args)
+static PyObject *proxy_read(PyObject *self, PyObject *args)
 {
-    ProxyObject *p = (ProxyObject *)self;
-    if (!current_client()) {
-        PyObject *m = PyObject_GetAttrString(p->orig, "readline");
-        if (!m)
-            return NULL;
-        PyObject *r = PyObject_Call(m, args, NULL);
-        Py_DECREF(m);
-        return r;
-    }
-    return proxy_readline(self, NULL);
+    client *c = current_client();
+    if (!c)
+        return proxy_forward(self, "read", args);
+    return stdin_readline(tl_worker, c);
 }
 
 static PyObject *proxy_forward(PyObject *self, const char *name, PyObject *args)
@@ -2216,8 +2214,8 @@ static PyObject *proxy_getattro(PyObject *self, PyObject *name)
 static PyMethodDef proxy_methods[] = {
     {"write", proxy_write, METH_O, NULL},
     {"writelines", proxy_writelines, METH_O, NULL},
-    {"readline", proxy_readline_m, METH_VARARGS, NULL},
-    {"read", proxy_readline_m, METH_VARARGS, NULL},
+    {"readline", proxy_readline, METH_VARARGS, NULL},
+    {"read", proxy_read, METH_VARARGS, NULL},
     {"flush", proxy_flush, METH_VARARGS, NULL},
     {"close", proxy_close, METH_VARARGS, NULL},
     {"isatty", proxy_isatty, METH_VARARGS, NULL},
@@ -3957,6 +3955,7 @@ void manhole_config_init(manhole_config *cfg)
     cfg->max_output = 1u << 20;
     cfg->max_workers = 16;
     cfg->log_level = MANHOLE_LOG_INFO;
+    cfg->close_timeout = 1.0;
 }
 
 /* Start Python or join the interpreter the host runs, and set up this
@@ -4125,6 +4124,8 @@ int manhole_open(manhole **out, const manhole_config *cfg_in, char *err,
     if (c->max_output == 0) c->max_output = def.max_output;
     if (c->max_workers <= 0) c->max_workers = def.max_workers;
     if (c->unix_mode == 0) c->unix_mode = def.unix_mode;
+    if (c->close_timeout <= 0) /* (an older caller's struct: the default) */
+        c->close_timeout = def.close_timeout;
     mh->lfd_unix = mh->lfd_tcp = mh->wake_r = mh->wake_w = -1;
     mh->tcp_port = -1;
 #ifdef MH_HAVE_EPOLL
@@ -4291,7 +4292,6 @@ static void manhole_free(manhole *mh, int how)
     free(mh);
 }
 
-#define CLOSE_GRACE_SECONDS 1.0
 
 void manhole_close(manhole *mh)
 {
@@ -4349,7 +4349,7 @@ void manhole_close(manhole *mh)
     PyThreadState *lent = NULL;
     if (PyGILState_Check())
         lent = PyEval_SaveThread();
-    double until = now_mono() + CLOSE_GRACE_SECONDS;
+    double until = now_mono() + mh->cfg.close_timeout;
     pthread_mutex_lock(&mh->lock);
     mh->wd_stop = 1;
     pthread_cond_broadcast(&mh->wd_cv);

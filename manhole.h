@@ -131,6 +131,10 @@ typedef struct manhole_config {
      * library which ones a caller knows). */
     int worker_priority;    /* MANHOLE_WORKERS_NICE (default), _IDLE or
                                _NORMAL: see below */
+    /* Added in 0.4.0. */
+    double close_timeout;   /* seconds manhole_close() waits for running
+                               statements to end once interrupted; then it
+                               leaves them behind; default 1 */
 } manhole_config;
 
 /* worker_priority: how much CPU statements may take from the host
@@ -166,7 +170,7 @@ MANHOLE_API int manhole_open(manhole **out, const manhole_config *cfg,
 
 /* Close a manhole: disconnect clients (sending what output can be sent
  * without waiting), interrupt running statements, join the worker threads
- * (a thread stuck in an uninterruptible call is given one second, then left
+ * (a thread stuck in an uninterruptible call is given close_timeout, then left
  * to end on its own, keeping the handle's memory and Python objects), and
  * release Python if the library started it.
  * The socket file is left in place; the next manhole_open() replaces it.

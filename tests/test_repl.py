@@ -334,6 +334,19 @@ def test_input_builtin_reads_from_client(demo):
     assert c.cmd("name") == "'Ada'\n"
 
 
+def test_stdin_of_other_threads_is_the_host_stdin(demo):
+    """Only a manhole statement's thread reads the client; any other thread
+    reads the host's own stdin (the demo's is /dev/null: empty)."""
+    c = demo.client()
+    c.cmd("import sys, threading; r = []")
+    c.cmd("t = threading.Thread(target=lambda: r.extend([sys.stdin.read(), sys.stdin.readline()])); t.start(); t.join()")
+    assert c.cmd("r") == "['', '']\n"
+    c.send("x = sys.stdin.read()\n")
+    c.send("from the client\n")
+    c.read_until(PS1)
+    assert c.cmd("x") == "'from the client\\n'\n"
+
+
 def test_stacks_helper_lists_threads(demo):
     c = demo.client()
     out = c.cmd("stacks()")

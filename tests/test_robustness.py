@@ -20,7 +20,8 @@ def test_close_interrupts_a_running_loop(start):
     """manhole_close() must interrupt a pure-Python loop, not leave its
     thread behind after the grace second. (Threaded mode: in non-threaded
     mode the host is inside the statement until it ends.)"""
-    p = start(HOST, "--timeout", "0", "--shared")
+    # (valgrind slows the interrupt's delivery far past the default second)
+    p = start(HOST, "--timeout", "0", "--shared", "--close-timeout", "60" if WRAP else "1")
     c = p.client()
     b = p.client()
     b.cmd("started = False")

@@ -85,7 +85,8 @@ int main(int argc, char **argv)
     check(cfg.threaded == 1 && cfg.timeout == 5.0 && cfg.shared_namespace == 0,
           "defaults: threaded, 5 s timeout, per-client namespace");
     check(cfg.max_clients == 64 && cfg.max_line == 1u << 20 && cfg.max_output == 1u << 20 &&
-              cfg.max_workers == 16 && cfg.worker_priority == MANHOLE_WORKERS_NICE,
+              cfg.max_workers == 16 && cfg.worker_priority == MANHOLE_WORKERS_NICE &&
+              cfg.close_timeout == 1.0,
           "defaults: limits");
 
     /* Bad opens. */

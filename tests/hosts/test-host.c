@@ -186,7 +186,7 @@ int main(int argc, char **argv)
         OPT_PATH = 1, OPT_PORT, OPT_NOTHREADED, OPT_TIMEOUT, OPT_SHARED, OPT_LOOP,
         OPT_PYTHON, OPT_FILES, OPT_FILES_AFTER, OPT_FORK, OPT_MAXCLIENTS, OPT_MAXOUTPUT,
         OPT_MAXLINE, OPT_MODE, OPT_AUDIT, OPT_KEEP, OPT_HOST, OPT_NONLOCAL, OPT_BANNER,
-        OPT_IDLE, OPT_WORKERS, OPT_NOTICK, OPT_PRIO, OPT_MAXINPUT
+        OPT_IDLE, OPT_WORKERS, OPT_NOTICK, OPT_PRIO, OPT_MAXINPUT, OPT_CLOSE
     };
     static const struct option opts[] = {
         {"path", required_argument, NULL, OPT_PATH},
@@ -206,6 +206,7 @@ int main(int argc, char **argv)
         {"max-output", required_argument, NULL, OPT_MAXOUTPUT},
         {"max-line", required_argument, NULL, OPT_MAXLINE},
         {"max-input", required_argument, NULL, OPT_MAXINPUT},
+        {"close-timeout", required_argument, NULL, OPT_CLOSE},
         {"max-workers", required_argument, NULL, OPT_WORKERS},
         {"mode", required_argument, NULL, OPT_MODE},
         {"idle-timeout", required_argument, NULL, OPT_IDLE},
@@ -234,6 +235,7 @@ int main(int argc, char **argv)
         case OPT_MAXOUTPUT: cfg.max_output = (size_t)atol(optarg); break;
         case OPT_MAXLINE: cfg.max_line = (size_t)atol(optarg); break;
         case OPT_MAXINPUT: cfg.max_input = (size_t)atol(optarg); break;
+        case OPT_CLOSE: cfg.close_timeout = atof(optarg); break;
         case OPT_WORKERS: cfg.max_workers = atoi(optarg); break;
         case OPT_MODE: cfg.unix_mode = (unsigned)strtoul(optarg, NULL, 8); break;
         case OPT_IDLE: cfg.idle_timeout = atof(optarg); break;
