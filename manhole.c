@@ -4092,30 +4092,17 @@ fail: {
 }
 }
 
-int manhole_open(manhole **out, const manhole_config *cfg_in, char *err,
-                 size_t errlen)
+/* A handle with its configuration (defaults filled in), locks and
+ * descriptors set to none: nothing opened yet. */
+static manhole *mh_new(const manhole_config *cfg_in)
 {
-    if (out)
-        *out = NULL;
-    if (err && errlen)
-        err[0] = 0;
-    if (!out || !cfg_in || cfg_in->struct_size == 0) {
-        if (err && errlen)
-            snprintf(err, errlen, "manhole_open: missing argument, or config "
-                                  "not set up with manhole_config_init()");
-        return MANHOLE_EINVAL;
-    }
     manhole *mh = calloc(1, sizeof *mh);
-    if (!mh) {
-        if (err && errlen)
-            snprintf(err, errlen, "out of memory");
-        return MANHOLE_ENOMEM;
-    }
-    manhole_config_init(&mh->cfg);
-    memcpy(&mh->cfg, cfg_in, MH_MIN(cfg_in->struct_size, sizeof mh->cfg));
-    mh->cfg.struct_size = sizeof mh->cfg;
-    manhole_config *c = &mh->cfg;
-    manhole_config def;
+    if (!mh)
+        return NULL;
+    manhole_config *c = &mh->cfg, def;
+    manhole_config_init(c);
+    memcpy(c, cfg_in, MH_MIN(cfg_in->struct_size, sizeof *c));
+    c->struct_size = sizeof *c;
     manhole_config_init(&def);
     if (c->max_clients <= 0) c->max_clients = def.max_clients;
     if (c->max_line == 0) c->max_line = def.max_line;
@@ -4143,6 +4130,29 @@ int manhole_open(manhole **out, const manhole_config *cfg_in, char *err,
     pthread_once(&fork_once, fork_init);
     mh->fork_gen = fork_generation;
     mh->pid = getpid();
+    return mh;
+}
+
+int manhole_open(manhole **out, const manhole_config *cfg_in, char *err,
+                 size_t errlen)
+{
+    if (out)
+        *out = NULL;
+    if (err && errlen)
+        err[0] = 0;
+    if (!out || !cfg_in || cfg_in->struct_size == 0) {
+        if (err && errlen)
+            snprintf(err, errlen, "manhole_open: missing argument, or config "
+                                  "not set up with manhole_config_init()");
+        return MANHOLE_EINVAL;
+    }
+    manhole *mh = mh_new(cfg_in);
+    if (!mh) {
+        if (err && errlen)
+            snprintf(err, errlen, "out of memory");
+        return MANHOLE_ENOMEM;
+    }
+    manhole_config *c = &mh->cfg;
 
     int rc = MANHOLE_OK;
     if (!c->unix_path && c->tcp_port < 0)

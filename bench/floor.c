@@ -18,19 +18,10 @@ static int cmp_d(const void *a, const void *b)
 int main(int argc, char **argv)
 {
     long n = argc > 1 ? atol(argv[1]) : 20000;
-    manhole *mh = calloc(1, sizeof *mh);
-    manhole_config_init(&mh->cfg);
-    mh->cfg.timeout = 5; /* as the library runs: the watchdog watches */
-    mh->wake_r = mh->wake_w = mh->lfd_unix = mh->lfd_tcp = -1;
-    pthread_mutex_init(&mh->lock, NULL);
-    cond_init(&mh->work_cv);
-    cond_init(&mh->wd_cv);
-    cond_init(&mh->gone_cv);
-    cond_init(&mh->hc_cv);
-    mh->hostw.mh = mh;
-    mh->hostw.is_host = 1;
-    pthread_once(&fork_once, fork_init);
-    mh->fork_gen = fork_generation;
+    manhole_config cfg;
+    manhole_config_init(&cfg);
+    cfg.timeout = 5; /* as the library runs: the watchdog watches */
+    manhole *mh = mh_new(&cfg); /* a handle with nothing opened but Python */
     if (py_open(mh) != MANHOLE_OK) {
         fprintf(stderr, "floor: %s\n", mh->errmsg);
         return 1;
