@@ -22,6 +22,7 @@
 #include <fcntl.h>
 #include <limits.h>
 #include <pthread.h>
+#include <sched.h>
 #include <signal.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -37,6 +38,50 @@
 #include <unistd.h>
 
 static char bin_dir[PATH_MAX];
+
+/* Where the processes run. A wake-up across CPUs costs tens of
+ * microseconds on a VM and one on the same CPU a few: left to the
+ * scheduler, the floor and the figures would each land one way or the
+ * other from run to run. So the client (this process) runs on one CPU and
+ * the server under test (echo server or manhole host) on another, and
+ * every round trip pays the same crossings. Throughput, bulk output and
+ * the CPU-burn measurements run on every CPU, as a deployment would. */
+static int cpu_client = -1, cpu_server = -1;
+static void unpin(void);
+
+static void pin_to(int cpu)
+{
+    if (cpu < 0)
+        return;
+    cpu_set_t set;
+    CPU_ZERO(&set);
+    CPU_SET(cpu, &set);
+    sched_setaffinity(0, sizeof set, &set);
+}
+
+static void unpin(void)
+{
+    cpu_set_t all;
+    CPU_ZERO(&all);
+    for (int c = 0; c < CPU_SETSIZE; c++)
+        CPU_SET(c, &all);
+    sched_setaffinity(0, sizeof all, &all);
+}
+
+static void pick_cpus(void)
+{
+    cpu_set_t set;
+    if (sched_getaffinity(0, sizeof set, &set) != 0 || CPU_COUNT(&set) < 2)
+        return;
+    for (int c = 0; c < CPU_SETSIZE; c++) {
+        if (!CPU_ISSET(c, &set))
+            continue;
+        if (cpu_client < 0)
+            cpu_client = c;
+        else if (cpu_server < 0)
+            cpu_server = c;
+    }
+}
 static char tmp_dir[64];
 static int quick;
 static int failures;
@@ -168,9 +213,10 @@ typedef struct {
     FILE *out;
 } proc_t;
 
-/* Start bench-host; prio is "nice" (the library's default) or "idle". */
+/* Start bench-host; prio is "nice" (the library's default) or "idle";
+ * pinned: on the server CPU. */
 static proc_t start_host_prio(const char *path, const char *mode, const char *timeout,
-                              const char *prio)
+                              const char *prio, int pinned)
 {
     int pin[2], pout[2];
     if (pipe(pin) < 0 || pipe(pout) < 0)
@@ -178,6 +224,10 @@ static proc_t start_host_prio(const char *path, const char *mode, const char *ti
     proc_t p;
     p.pid = fork();
     if (p.pid == 0) {
+        if (pinned)
+            pin_to(cpu_server);
+        else
+            unpin();
         dup2(pin[0], 0);
         dup2(pout[1], 1);
         close(pin[1]);
@@ -199,7 +249,7 @@ static proc_t start_host_prio(const char *path, const char *mode, const char *ti
 
 static proc_t start_host(const char *path, const char *mode, const char *timeout)
 {
-    return start_host_prio(path, mode, timeout, "nice");
+    return start_host_prio(path, mode, timeout, "nice", 1);
 }
 
 static void host_cmd(proc_t *p, const char *cmd, char *out, size_t n)
@@ -235,6 +285,7 @@ static pid_t start_echo(const char *path)
         die("echo bind: %s", strerror(errno));
     pid_t pid = fork();
     if (pid == 0) {
+        pin_to(cpu_server);
         static char buf[1 << 20];
         for (;;) {
             int fd = accept(lfd, NULL, NULL);
@@ -507,6 +558,10 @@ int main(int argc, char **argv)
     double tp_secs = quick ? 0.5 : 2.0;
     char v[32], sp[40], ra[40];
 
+    pick_cpus();
+    pin_to(cpu_client);
+    if (cpu_client >= 0)
+        fprintf(stderr, "client on CPU %d, servers on CPU %d\n", cpu_client, cpu_server);
     fprintf(stderr, "measuring (this takes a couple of minutes)...\n");
 
     /* 1. The floor. */
@@ -521,6 +576,7 @@ int main(int argc, char **argv)
 
     char cmd[PATH_MAX + 64];
     snprintf(cmd, sizeof cmd, "%s/floor %d", bin_dir, n_rtt);
+    unpin(); /* the in-process floor at its best: every CPU */
     FILE *f = popen(cmd, "r");
     double fl_med = 0, fl_p99 = 0, print_floor = 0;
     if (!f || fscanf(f, "floor %lf %lf print %lf", &fl_med, &fl_p99, &print_floor) != 3)
@@ -539,8 +595,12 @@ int main(int argc, char **argv)
     double tp1[2] = {0, 0}, connects = 0;
     for (int m = 0; m < 2; m++) {
         snprintf(path, sizeof path, "%s/%s", tmp_dir, modes[m]);
+        pin_to(cpu_client); /* latency: client and server on fixed CPUs */
         proc_t h = start_host(path, modes[m], "30");
         stat_t s = manhole_rtt(path, n_rtt);
+        stop_host(&h);
+        unpin(); /* throughput: every CPU, as a deployment has them */
+        h = start_host_prio(path, modes[m], "30", "nice", 0);
         double lim = m ? 2.0 : 1.5;
         char name[64];
         snprintf(name, sizeof name, "1+1 round trip, %s", modes[m]);
@@ -637,7 +697,7 @@ int main(int argc, char **argv)
      * worker priority and with MANHOLE_WORKERS_IDLE. */
     for (int pass = 0; pass < 3; pass++) {
         snprintf(path, sizeof path, "%s/burn%d", tmp_dir, pass);
-        proc_t h = start_host_prio(path, "threaded", "1", pass == 2 ? "idle" : "nice");
+        proc_t h = start_host_prio(path, "threaded", "1", pass == 2 ? "idle" : "nice", 0);
         pthread_t t;
         if (pass > 0) {
             burn_stop = 0;
