@@ -370,7 +370,7 @@ struct client {
     client *jnext;          /* job queue */
     client *dnext;          /* dirty list (host has something to do) */
     client *gnext;          /* closed this turn, host reference pending */
-    unsigned char queued, dirty, busy, dead, eof_done, exiting;
+    unsigned char dirty, busy, dead, eof_done, exiting;
     unsigned char has_session;
     unsigned char in_paused;/* input queue over max_input */
     unsigned char out_blocked; /* output over max_output: no more input
@@ -442,7 +442,6 @@ struct manhole {
     int lfd_unix, lfd_tcp;
     int tcp_port;
     int wake_r, wake_w;     /* the same descriptor with eventfd */
-    pid_t pid;
     unsigned fork_gen;
 
     /* Poller. */
@@ -538,6 +537,8 @@ static int set_err(manhole *mh, int code, const char *fmt, ...)
     return code;
 }
 
+static void wake_host_locked(manhole *mh);
+
 /* Queue a log line; it is delivered on the host thread by log_flush().
  * Callable from any thread, with or without mh->lock (locked says
  * which). */
@@ -566,6 +567,8 @@ static void logq_push(manhole *mh, int locked, int level, const char *fmt, ...)
         mh->logq[(mh->logq_head + mh->logq_len) % LOGQ_MAX] = s;
         mh->logq_len++;
     }
+    if (tl_host != mh) /* a worker's news: the host delivers it on its next turn */
+        wake_host_locked(mh);
     if (!locked)
         pthread_mutex_unlock(&mh->lock);
 }
@@ -2982,7 +2985,6 @@ static void enqueue_locked(client *c)
 {
     manhole *mh = c->mh;
     c->busy = 1;
-    c->queued = 1;
     c->refs++;
     c->jnext = NULL;
     if (mh->jq_tail)
@@ -3019,7 +3021,6 @@ static client *dequeue_locked(manhole *mh)
         if (!mh->jq_head)
             mh->jq_tail = NULL;
         c->jnext = NULL;
-        c->queued = 0;
         mh->njobs--;
         mh->last_pickup = now_mono();
     }
@@ -3824,10 +3825,11 @@ static void host_run_jobs(manhole *mh)
     PyGILState_Release(g);
 }
 
-static void idle_check(manhole *mh)
+static int idle_check(manhole *mh)
 {
+    int closed = 0;
     if (mh->cfg.idle_timeout <= 0 || !mh->clients)
-        return;
+        return 0;
     double now = now_mono();
     client *next;
     for (client *c = mh->clients; c; c = next) {
@@ -3846,7 +3848,9 @@ static void idle_check(manhole *mh)
                  mh->cfg.idle_timeout);
         (void)xsend(c->fd, msg, strlen(msg));
         client_close(c, "idle timeout");
+        closed = 1;
     }
+    return closed;
 }
 
 static void client_event(client *c, unsigned ev)
@@ -3899,10 +3903,12 @@ static int turn_finish(manhole *mh)
         }
         workers_reap(mh);
     }
-    idle_check(mh);
+    if (idle_check(mh))
+        work = 1;
     if (mh->graveyard)
         graveyard_release(mh);
-    log_flush(mh);
+    if (work) /* anything logged this turn was counted above or just now */
+        log_flush(mh);
     if (mh->exits_ready > 0) {
         mh->exit_status = mh->exit_q[0];
         memmove(mh->exit_q, mh->exit_q + 1, (size_t)--mh->exits_ready * sizeof mh->exit_q[0]);
@@ -4129,7 +4135,6 @@ static manhole *mh_new(const manhole_config *cfg_in)
     snprintf(mh->ps2, sizeof mh->ps2, "... ");
     pthread_once(&fork_once, fork_init);
     mh->fork_gen = fork_generation;
-    mh->pid = getpid();
     return mh;
 }
 
@@ -4424,7 +4429,6 @@ void manhole_close(manhole *mh)
         if (c->has_session)
             session_close(c);
         pthread_mutex_lock(&mh->lock);
-        c->queued = 0;
         client_unref_locked(c);
         pthread_mutex_unlock(&mh->lock);
     }
