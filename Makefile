@@ -47,11 +47,15 @@ EXAMPLES = $(B)/examples/select-host $(B)/examples/poll-host $(B)/examples/libev
 PYTEST = $(PYTHON) -m pytest -q -p no:cacheprovider
 TESTS ?= tests
 
-.PHONY: FORCE all demo test deps clean hosts check check-asan check-valgrind \
+.PHONY: FORCE default all cli check-pythons demo test deps clean hosts check check-asan check-valgrind \
         check-portable check-warnings fuzz soak bench bench-bins install uninstall examples \
         examples-bins
 
-all: $(B)/libmanhole.a $(B)/libmanhole.so $(B)/demo/manhole-demo
+# `make` on a fresh machine first installs what building needs (deps).
+default: deps
+	$(MAKE) all
+
+all: $(B)/libmanhole.a $(B)/libmanhole.so $(B)/demo/manhole-demo $(B)/cli/manhole-cli
 
 $(B)/manhole.o: manhole.c manhole.h
 	@mkdir -p $(B)
@@ -76,6 +80,15 @@ $(B)/tests/hosts/%: tests/hosts/%.c manhole.h $(B)/libmanhole.a
 	$(CC) $(REAL_CFLAGS) $(REAL_LDFLAGS) -o $@ $< $(B)/libmanhole.a $(LIBS)
 
 hosts: $(HOSTS)
+
+# The client (cli/): libc and libedit only, no Python.
+EDIT_CFLAGS = $(shell pkg-config --cflags libedit 2>/dev/null)
+EDIT_LIBS = $(shell pkg-config --libs libedit 2>/dev/null || echo -ledit)
+$(B)/cli/manhole-cli: cli/manhole-cli.c
+	@mkdir -p $(B)/cli
+	$(CC) -std=c11 $(OPTIMIZATION) $(DEBUG) $(WARNINGS) $(EDIT_CFLAGS) $(VARIANT_CFLAGS) \
+	      $(CFLAGS) $(REAL_LDFLAGS) -o $@ cli/manhole-cli.c $(EDIT_LIBS)
+cli: $(B)/cli/manhole-cli
 
 # Examples build as a user's program would: against the header and the
 # library, with -I. standing in for the installed include directory.
@@ -110,6 +123,12 @@ $(B)/manhole.pc: FORCE
 	  'Libs.private: -lpthread' \
 	  'Cflags: -I$${includedir}' > $@
 
+# `man manhole_open` (and every public call, and the config type) finds
+# manhole(3): one .so stub per name declared in manhole.h.
+LPAREN := (
+MAN3_ALIASES = $(shell sed -n 's/^MANHOLE_API.*[ *]\(manhole_[a-z_]*\)[$(LPAREN)].*/\1/p' manhole.h | sort -u) \
+               manhole_config manhole_value manhole_fn manhole_log_fn
+
 install: all $(B)/manhole.pc
 	install -d $(DESTDIR)$(INCLUDEDIR) $(DESTDIR)$(LIBDIR) $(DESTDIR)$(PKGCONFIGDIR) \
 	           $(DESTDIR)$(BINDIR) $(DESTDIR)$(MANDIR)/man1 $(DESTDIR)$(MANDIR)/man3
@@ -120,21 +139,30 @@ install: all $(B)/manhole.pc
 	ln -sf $(SONAME) $(DESTDIR)$(LIBDIR)/libmanhole.so
 	install -m 644 $(B)/manhole.pc $(DESTDIR)$(PKGCONFIGDIR)/manhole.pc
 	install -m 755 $(B)/demo/manhole-demo $(DESTDIR)$(BINDIR)/manhole-demo
+	install -m 755 $(B)/cli/manhole-cli $(DESTDIR)$(BINDIR)/manhole-cli
 	sed 's/@VERSION@/$(VERSION)/' man/manhole.3 > $(DESTDIR)$(MANDIR)/man3/manhole.3
 	sed 's/@VERSION@/$(VERSION)/' man/manhole-demo.1 > $(DESTDIR)$(MANDIR)/man1/manhole-demo.1
-	chmod 644 $(DESTDIR)$(MANDIR)/man3/manhole.3 $(DESTDIR)$(MANDIR)/man1/manhole-demo.1
+	sed 's/@VERSION@/$(VERSION)/' man/manhole-cli.1 > $(DESTDIR)$(MANDIR)/man1/manhole-cli.1
+	chmod 644 $(DESTDIR)$(MANDIR)/man3/manhole.3 $(DESTDIR)$(MANDIR)/man1/manhole-demo.1 \
+	      $(DESTDIR)$(MANDIR)/man1/manhole-cli.1
+	for f in $(MAN3_ALIASES); do \
+	    echo '.so man3/manhole.3' > $(DESTDIR)$(MANDIR)/man3/$$f.3; \
+	    chmod 644 $(DESTDIR)$(MANDIR)/man3/$$f.3; done
 
 uninstall:
 	rm -f $(DESTDIR)$(INCLUDEDIR)/manhole.h $(DESTDIR)$(LIBDIR)/libmanhole.a \
 	      $(DESTDIR)$(LIBDIR)/libmanhole.so.$(VERSION) $(DESTDIR)$(LIBDIR)/$(SONAME) \
 	      $(DESTDIR)$(LIBDIR)/libmanhole.so $(DESTDIR)$(PKGCONFIGDIR)/manhole.pc \
 	      $(DESTDIR)$(BINDIR)/manhole-demo $(DESTDIR)$(MANDIR)/man3/manhole.3 \
-	      $(DESTDIR)$(MANDIR)/man1/manhole-demo.1
+	      $(DESTDIR)$(MANDIR)/man1/manhole-demo.1 $(DESTDIR)$(BINDIR)/manhole-cli \
+	      $(DESTDIR)$(MANDIR)/man1/manhole-cli.1
+	for f in $(MAN3_ALIASES); do rm -f $(DESTDIR)$(MANDIR)/man3/$$f.3; done
 
 deps:
 	@PYTHON=$(PYTHON) ./tools/ensure-deps
 
-demo: all
+demo: deps
+	$(MAKE) all
 	./demo/manhole-demo
 
 test: deps
@@ -171,6 +199,12 @@ check-warnings: deps
 	$(MAKE) B=build/clang CC=clang VARIANT_CFLAGS=-Werror all hosts examples-bins bench-bins
 	$(MAKE) B=build/clang-portable CC=clang VARIANT_CFLAGS="-Werror -DMANHOLE_PORTABLE" \
 	        all hosts examples-bins
+
+# Every CPython found (Debian's python3-embed and each pyenv version with an
+# embed .pc; PYTHONS="3.8 3.12 ..." picks some), each in build/py-<version>,
+# the whole suite against each with that version's interpreter as the oracle.
+check-pythons: deps
+	PYTHON=$(PYTHON) ./tools/check-pythons $(PYTHONS)
 
 # ---- Fuzzing and soaking -------------------------------------------------
 

@@ -135,6 +135,17 @@ typedef struct manhole_config {
     double close_timeout;   /* seconds manhole_close() waits for running
                                statements to end once interrupted; then it
                                leaves them behind; default 1 */
+    /* Added in 0.5.0: TCP clients must send a secret first (README,
+     * Security). */
+    const char *tcp_secret;      /* the secret; NULL (default): the library
+                                    makes a random one and writes it to
+                                    tcp_secret_file */
+    const char *tcp_secret_file; /* where the secret is written (0600);
+                                    NULL: $XDG_RUNTIME_DIR/manhole/tcp-PORT.secret,
+                                    or /tmp/manhole-UID/tcp-PORT.secret */
+    int tcp_insecure;            /* 1: no secret; any local user who can
+                                    connect gets a prompt (logged as a
+                                    warning) */
 } manhole_config;
 
 /* worker_priority: how much CPU statements may take from the host
