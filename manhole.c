@@ -503,6 +503,7 @@ struct manhole {
     PyObject *compiler_cls; /* codeop.CommandCompiler */
     PyObject *filename;     /* "<stdin>" */
     PyObject *single;       /* "single" */
+    PyObject *glue;         /* the support module's glue (make_glue) */
     unsigned long host_py_tid; /* Python's id for the thread that opened */
 
     char errmsg[512];
@@ -2295,8 +2296,12 @@ static PyType_Spec proxy_spec = {"_manhole.StreamProxy", sizeof(ProxyObject), 0,
 static int mod_add_type(PyObject *mod, const char *name, PyType_Spec *spec,
                         PyObject *base)
 {
-    PyObject *t = base ? PyType_FromSpecWithBases(spec, base)
-                       : PyType_FromSpec(spec);
+    /* The bases as a tuple: 3.8 and 3.9 take nothing else. */
+    PyObject *bases = base ? PyTuple_Pack(1, base) : NULL;
+    if (base && !bases)
+        return -1;
+    PyObject *t = bases ? PyType_FromSpecWithBases(spec, bases) : PyType_FromSpec(spec);
+    Py_XDECREF(bases);
     if (!t)
         return -1;
     int r = PyModule_AddObject(mod, name, t);
@@ -2323,6 +2328,8 @@ static PyObject *make_proxy(PyObject *mod, const char *sysname, int kind)
 
 static const char *const proxied[] = {"stdout", "stderr", "stdin"};
 
+static PyObject *make_glue(void);
+
 /* Find or create the support module; the first user installs the stream
  * proxies and the display hook. GIL held. Returns a borrowed reference. */
 static PyObject *support_acquire(int python_started_here, PyThreadState *ts)
@@ -2345,6 +2352,7 @@ static PyObject *support_acquire(int python_started_here, PyThreadState *ts)
             mod_add_type(mod, "StreamProxy", &proxy_spec, NULL) < 0 ||
             PyModule_AddIntConstant(mod, "users", 0) < 0 ||
             PyModule_AddIntConstant(mod, "owned", python_started_here) < 0 ||
+            PyModule_AddObject(mod, "glue", make_glue()) < 0 ||
             PyModule_AddObject(mod, "main_ts",
                                PyCapsule_New(ts ? (void *)ts : (void *)mod,
                                              "_manhole.main_ts", NULL)) < 0)
@@ -2524,6 +2532,107 @@ out:
     return stacks;
 }
 
+/* ---- What the interactive loop does that codeop does not ----------- */
+
+/* Python glue, one per interpreter (kept in the support module):
+ * syntax_error() reports an error as the interactive loop does; on 3.13+
+ * compile_numbered() and forget() give statements the "<stdin>-N" names
+ * and linecache entries that 3.13's loop gives them. */
+static const char glue_src[] =
+    "import sys, warnings\n"
+    "def syntax_error(source, filename, flags, at_eof):\n"
+    "    # The error compiling source (codeop found one, or end of input\n"
+    "    # left a block open), as the interactive loop reports it: its\n"
+    "    # tokenizer sees the newline typed after the last line, so an error\n"
+    "    # at the end of a line gets its caret there, and it never reports\n"
+    "    # 'incomplete input' (codeop's last compile leaks that in 3.10 and\n"
+    "    # in Debian's 3.11.2). Warnings were shown by codeop already.\n"
+    "    with warnings.catch_warnings():\n"
+    "        warnings.simplefilter('ignore')\n"
+    "        try:\n"
+    "            compile(source, filename, 'single', flags, True)\n"
+    "            return None\n"
+    "        except SyntaxError as e:\n"
+    "            err = e\n"
+    "    if at_eof and sys.version_info < (3, 9) and err.msg == 'unexpected EOF while parsing':\n"
+    "        return None  # 3.8's loop ends there without a word\n"
+    "    if sys.version_info >= (3, 10) and err.text and err.text.endswith('\\n'):\n"
+    "        err.text = err.text[:-1]  # as the 3.10+ tokenizer keeps it\n"
+    "    return err\n"
+    "count = 0\n"
+    "recent = []\n"
+    "def fix_text(err, source):\n"
+    "    # 3.13+: a SyntaxError out of a statement that parsed gets the\n"
+    "    # statement's line as its text, as the interactive loop does.\n"
+    "    lines = source.splitlines(True)\n"
+    "    if isinstance(err.lineno, int) and 0 < err.lineno <= len(lines):\n"
+    "        err.text = lines[err.lineno - 1]\n"
+    "def compile_numbered(tree, filename, flags, source):\n"
+    "    global count\n"
+    "    name = '%s-%d' % (filename, count)\n"
+    "    count += 1\n"
+    "    try:\n"
+    "        code = compile(tree, name, 'single', flags, True)\n"
+    "    except SyntaxError as e:\n"
+    "        fix_text(e, source)\n"
+    "        raise\n"
+    "    import linecache\n"
+    "    by_code = hasattr(linecache, '_interactive_cache')\n"
+    "    linecache._register_code(code if by_code else name, source, filename)\n"
+    "    return code\n"
+    "def forget(code):\n"
+    "    # A statement that defined no function, class or generator never\n"
+    "    # runs again: only the last 100 such keep their lines, so a client\n"
+    "    # sending millions of statements does not grow linecache.\n"
+    "    import linecache\n"
+    "    if hasattr(linecache, '_interactive_cache') or any(\n"
+    "            isinstance(k, type(code)) for k in code.co_consts):\n"
+    "        return\n"
+    "    recent.append(code.co_filename)\n"
+    "    if len(recent) > 100:\n"
+    "        linecache.cache.pop(recent.pop(0), None)\n";
+
+static PyObject *make_glue(void)
+{
+    PyObject *g = PyDict_New();
+    if (!g || PyDict_SetItemString(g, "__builtins__", PyEval_GetBuiltins()) < 0) {
+        Py_XDECREF(g);
+        return NULL;
+    }
+    PyObject *r = PyRun_String(glue_src, Py_file_input, g, g);
+    if (!r) {
+        Py_DECREF(g);
+        return NULL;
+    }
+    Py_DECREF(r);
+    return g;
+}
+
+/* Replace the pending SyntaxError with the one the interactive loop
+ * reports for text (see syntax_error above). GIL held. */
+static void interactive_syntax_error(client *c, PyObject *text, int at_eof)
+{
+    int flags = c->cc_flags;
+#ifdef PyCF_ALLOW_INCOMPLETE_INPUT
+    flags &= ~PyCF_ALLOW_INCOMPLETE_INPUT;
+#endif
+    PyObject *fn = PyDict_GetItemString(c->mh->glue, "syntax_error");
+    PyObject *t, *v, *tb;
+    PyErr_Fetch(&t, &v, &tb);
+    PyObject *e = fn ? PyObject_CallFunction(fn, "OOii", text, c->mh->filename, flags, at_eof)
+                     : NULL;
+    if (e && e != Py_None) {
+        PyErr_SetObject((PyObject *)Py_TYPE(e), e);
+        Py_XDECREF(t);
+        Py_XDECREF(v);
+        Py_XDECREF(tb);
+    } else {
+        PyErr_Clear();
+        PyErr_Restore(t, v, tb); /* codeop's; none at end of input */
+    }
+    Py_XDECREF(e);
+}
+
 /* ---- Sessions --------------------------------------------------------- */
 
 static PyObject *ns_new(manhole *mh)
@@ -2534,6 +2643,30 @@ static PyObject *ns_new(manhole *mh)
     Py_INCREF(mh->core);
     ((NsObject *)ns)->core = mh->core;
     return ns;
+}
+
+/* With one shared namespace in a Python the library started itself, the
+ * namespace is __main__'s dict, as python3 -i's is: classes defined at the
+ * prompt pickle, `import __main__` sees the session's names. A module's
+ * dict is a plain dict, so the module is given the namespace instead,
+ * with the entries the interpreter put there (__builtins__, __loader__,
+ * __spec__, ...). A __main__ that is not a plain module is left alone. */
+static int ns_become_main(PyObject *ns)
+{
+    PyObject *main = PyImport_AddModule("__main__"); /* borrowed */
+    if (!main)
+        return -1;
+    Py_ssize_t off = Py_TYPE(main)->tp_dictoffset;
+    PyObject **slot = off > 0 ? (PyObject **)(void *)((char *)main + off) : NULL;
+    PyObject *old = PyModule_CheckExact(main) ? PyModule_GetDict(main) : NULL;
+    if (!slot || !old || *slot != old)
+        return 0;
+    if (PyDict_Update(ns, old) < 0)
+        return -1;
+    Py_INCREF(ns);
+    *slot = ns;
+    Py_DECREF(old);
+    return 0;
 }
 
 /* The flags codeop compiles this session's input with: its own
@@ -2571,9 +2704,15 @@ static void sync_flags_to_codeop(client *c)
  * flags, True) with its flags; the fast path makes exactly that call
  * once, from C, instead of codeop's two compiles under
  * warnings.catch_warnings(). Anything else (incomplete input, errors) goes
- * to codeop itself, so those keep its exact behaviour. (One difference is
- * left: a statement whose compilation warns and then fails in the code
- * generator shows the warning twice.) */
+ * to codeop itself, so those keep its exact behaviour, and an error is
+ * then reported as the interactive loop reports it (syntax_error in the
+ * glue). (One difference is left: a statement whose compilation warns and
+ * then fails in the code generator shows the warning twice.)
+ *
+ * 3.13+: the interactive loop parses a statement under "<stdin>", then
+ * compiles it under "<stdin>-N" and keeps its lines in linecache, so that
+ * tracebacks and warnings show them; so does the fast path here
+ * (compile_numbered in the glue). */
 static PyObject *compile_input(client *c, PyObject *src, const char *utf8)
 {
     manhole *mh = c->mh;
@@ -2590,9 +2729,25 @@ static PyObject *compile_input(client *c, PyObject *src, const char *utf8)
         if (*p)
             p++;
     }
+#if PY_VERSION_HEX >= 0x030D0000
+    PyCompilerFlags cf = {c->cc_flags | PyCF_ONLY_AST, PY_MINOR_VERSION};
+    PyObject *code = NULL;
+    PyObject *tree = Py_CompileStringObject(blank ? "pass" : utf8, mh->filename,
+                                            Py_single_input, &cf, -1);
+    if (tree) {
+        PyObject *fn = PyDict_GetItemString(mh->glue, "compile_numbered");
+        code = fn ? PyObject_CallFunction(fn, "OOiO", tree, mh->filename, c->cc_flags, src)
+                  : NULL;
+        Py_DECREF(tree);
+        if (!code)
+            return NULL; /* the compiler's error, named "<stdin>-N" */
+        cf.cf_flags = ((PyCodeObject *)code)->co_flags;
+    }
+#else
     PyCompilerFlags cf = {c->cc_flags, PY_MINOR_VERSION};
     PyObject *code = Py_CompileStringObject(blank ? "pass" : utf8, mh->filename,
                                             Py_single_input, &cf, -1);
+#endif
     if (code) {
         int futures = cf.cf_flags & PyCF_MASK;
         if ((c->cc_flags | futures) != c->cc_flags) { /* a new __future__ */
@@ -2605,6 +2760,12 @@ static PyObject *compile_input(client *c, PyObject *src, const char *utf8)
     code = PyObject_CallFunctionObjArgs(c->compiler, src, mh->filename, mh->single, NULL);
     if (code && code != Py_None && sync_flags_from_codeop(c) < 0)
         PyErr_Clear();
+    if (!code && PyErr_ExceptionMatches(PyExc_SyntaxError)) {
+        PyObject *typed = PyUnicode_FromFormat("%U\n", src); /* the newline typed */
+        if (typed)
+            interactive_syntax_error(c, typed, 0);
+        Py_XDECREF(typed);
+    }
     return code;
 }
 
@@ -2838,7 +2999,7 @@ static int stmt_end(worker *w)
 
 enum { RUN_OK, RUN_ABANDONED, RUN_EXIT };
 
-static int run_code(worker *w, client *c, PyObject *code)
+static int run_code(worker *w, client *c, PyObject *code, PyObject *src)
 {
     PyObject *ns = c->ns;
     if (stmt_begin(w, c) < 0)
@@ -2871,6 +3032,20 @@ static int run_code(worker *w, client *c, PyObject *code)
         handle_exit(w, c);
         return RUN_EXIT;
     }
+#if PY_VERSION_HEX >= 0x030D0000
+    if (PyErr_ExceptionMatches(PyExc_SyntaxError)) { /* eval('1 +'), for one */
+        PyObject *t, *v, *tb;
+        PyErr_Fetch(&t, &v, &tb);
+        PyErr_NormalizeException(&t, &v, &tb);
+        PyObject *fn = PyDict_GetItemString(c->mh->glue, "fix_text");
+        PyObject *fixed = fn && v ? PyObject_CallFunctionObjArgs(fn, v, src, NULL) : NULL;
+        Py_XDECREF(fixed);
+        PyErr_Clear();
+        PyErr_Restore(t, v, tb);
+    }
+#else
+    MH_UNUSED(src);
+#endif
     show_exception(0);
     return RUN_OK;
 }
@@ -2909,7 +3084,6 @@ static int session_line(worker *w, client *c, const char *line, size_t len,
                                          "surrogateescape");
     double t0 = now_mono();
     PyObject *code = src ? compile_input(c, src, c->src.p + c->src.head) : NULL;
-    Py_XDECREF(src);
     int more = 0, rc = RUN_OK;
     if (code == Py_None) {
         /* As codeop does, each line recompiles the whole block: a huge
@@ -2922,6 +3096,7 @@ static int session_line(worker *w, client *c, const char *line, size_t len,
                      "the %g s timeout\n",
                      mh->cfg.timeout);
             Py_CLEAR(code);
+            Py_XDECREF(src);
             buf_free(&c->src);
             c->src_compile = 0;
             client_output_str(w, c, msg);
@@ -2939,9 +3114,16 @@ static int session_line(worker *w, client *c, const char *line, size_t len,
     } else {
         c->src_compile = 0;
         buf_clear(&c->src);
-        rc = run_code(w, c, code);
+        rc = run_code(w, c, code, src);
+#if PY_VERSION_HEX >= 0x030D0000
+        PyObject *fn = PyDict_GetItemString(mh->glue, "forget");
+        PyObject *r = fn ? PyObject_CallFunctionObjArgs(fn, code, NULL) : NULL;
+        Py_XDECREF(r);
+        PyErr_Clear();
+#endif
     }
     Py_XDECREF(code);
+    Py_XDECREF(src);
     if (prompt && rc == RUN_OK)
         write_prompt(w, c, more);
     return rc;
@@ -2963,6 +3145,21 @@ static int session_record(worker *w, client *c, int kind, const char *data,
         int rc = RUN_OK;
         if (buf_used(&c->src) > 0) /* as if an empty line had followed */
             rc = session_line(w, c, "", 0, 0);
+        if (rc == RUN_OK && buf_used(&c->src) > 0 && c->ns) {
+            /* Still open (`x = (1,`): python3 -i reports what end of
+             * input leaves unfinished ('(' was never closed). */
+            PyObject *src = PyUnicode_DecodeUTF8(c->src.p + c->src.head,
+                                                 (Py_ssize_t)buf_used(&c->src),
+                                                 "surrogateescape");
+            if (src) {
+                interactive_syntax_error(c, src, 1);
+                Py_DECREF(src);
+            }
+            buf_clear(&c->src);
+            c->src_compile = 0;
+            if (PyErr_Occurred())
+                show_exception(1);
+        }
         if (rc != RUN_EXIT) { /* (an abandoned one was answered already) */
             pthread_mutex_lock(&c->mh->lock);
             c->eof_done = 1;
@@ -4010,6 +4207,8 @@ static int py_open(manhole *mh)
     ((CoreObject *)mh->core)->mh = mh;
     ((CoreObject *)mh->core)->bindings = PyDict_New();
     mh->ns = ns_new(mh);
+    if (mh->ns && started && mh->cfg.shared_namespace && ns_become_main(mh->ns) < 0)
+        Py_CLEAR(mh->ns);
     /* threading takes whichever thread first imports it for the main
      * thread: make that this one, not a worker. */
     PyObject *threading = PyImport_ImportModule("threading");
@@ -4029,8 +4228,9 @@ static int py_open(manhole *mh)
     mh->compiler_cls = PyObject_GetAttrString(codeop, "CommandCompiler");
     mh->filename = PyUnicode_InternFromString("<stdin>");
     mh->single = PyUnicode_InternFromString("single");
+    mh->glue = PyObject_GetAttrString(mod, "glue");
     PyObject *name = PyUnicode_FromString("__main__");
-    int bad = !mh->compiler_cls || !name || !mh->filename || !mh->single ||
+    int bad = !mh->compiler_cls || !name || !mh->filename || !mh->single || !mh->glue ||
               PyDict_SetItemString(mh->ns, "__name__", name) < 0 ||
               PyDict_SetItemString(mh->ns, "__doc__", Py_None) < 0 ||
               PyDict_SetItemString(mh->ns, "__builtins__", builtins) < 0 ||
@@ -4076,6 +4276,7 @@ fail_support: {
     Py_CLEAR(mh->compiler_cls);
     Py_CLEAR(mh->filename);
     Py_CLEAR(mh->single);
+    Py_CLEAR(mh->glue);
     support_release(&ts);
 }
 fail: {
@@ -4440,6 +4641,7 @@ void manhole_close(manhole *mh)
     Py_CLEAR(mh->compiler_cls);
     Py_CLEAR(mh->filename);
     Py_CLEAR(mh->single);
+    Py_CLEAR(mh->glue);
     PyThreadState *main_ts = NULL;
     if (support_release(&main_ts)) {
         if (PyThreadState_Get() != main_ts) {
