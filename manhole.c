@@ -2547,6 +2547,11 @@ static const char glue_src[] =
     "    # at the end of a line gets its caret there, and it never reports\n"
     "    # 'incomplete input' (codeop's last compile leaks that in 3.10 and\n"
     "    # in Debian's 3.11.2). Warnings were shown by codeop already.\n"
+    "    # None: no error (at end of input), or the input is incomplete\n"
+    "    # after all: 3.8's and 3.9's codeop probes with warnings made\n"
+    "    # errors, and so refuses a block holding '\\d' that the loop\n"
+    "    # takes; probed with warnings ignored (its logic otherwise), the\n"
+    "    # block goes on.\n"
     "    with warnings.catch_warnings():\n"
     "        warnings.simplefilter('ignore')\n"
     "        try:\n"
@@ -2554,6 +2559,13 @@ static const char glue_src[] =
     "            return None\n"
     "        except SyntaxError as e:\n"
     "            err = e\n"
+    "        if not at_eof and sys.version_info < (3, 10):\n"
+    "            try:\n"
+    "                compile(source + '\\n', filename, 'single', flags, True)\n"
+    "                return None\n"
+    "            except SyntaxError as e:\n"
+    "                if repr(e) != repr(err):\n"
+    "                    return None\n"
     "    if at_eof and sys.version_info < (3, 9) and err.msg == 'unexpected EOF while parsing':\n"
     "        return None  # 3.8's loop ends there without a word\n"
     "    if sys.version_info >= (3, 10) and err.text and err.text.endswith('\\n'):\n"
@@ -2621,14 +2633,15 @@ static void interactive_syntax_error(client *c, PyObject *text, int at_eof)
     PyErr_Fetch(&t, &v, &tb);
     PyObject *e = fn ? PyObject_CallFunction(fn, "OOii", text, c->mh->filename, flags, at_eof)
                      : NULL;
-    if (e && e != Py_None) {
-        PyErr_SetObject((PyObject *)Py_TYPE(e), e);
+    if (e) { /* None: no error after all */
+        if (e != Py_None)
+            PyErr_SetObject((PyObject *)Py_TYPE(e), e);
         Py_XDECREF(t);
         Py_XDECREF(v);
         Py_XDECREF(tb);
-    } else {
+    } else { /* the glue failed: codeop's error stands */
         PyErr_Clear();
-        PyErr_Restore(t, v, tb); /* codeop's; none at end of input */
+        PyErr_Restore(t, v, tb);
     }
     Py_XDECREF(e);
 }
@@ -2765,6 +2778,10 @@ static PyObject *compile_input(client *c, PyObject *src, const char *utf8)
         if (typed)
             interactive_syntax_error(c, typed, 0);
         Py_XDECREF(typed);
+        if (!PyErr_Occurred()) { /* incomplete after all (3.8, 3.9) */
+            code = Py_None;
+            Py_INCREF(code);
+        }
     }
     return code;
 }
