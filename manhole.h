@@ -252,6 +252,12 @@ MANHOLE_API int manhole_exit_status(const manhole *mh);
  */
 MANHOLE_API int manhole_tcp_port(const manhole *mh);
 
+/* The file holding the TCP secret (README, Security), or NULL: no TCP,
+ * tcp_insecure, or a secret the host gave without a file. Clients such as
+ * manhole-cli read it; a plain client sends its content as its first
+ * line. The library removes the file in manhole_close(). Any thread. */
+MANHOLE_API const char *manhole_tcp_secret_file(const manhole *mh);
+
 /* Number of connected clients. Host thread. */
 MANHOLE_API int manhole_client_count(const manhole *mh);
 

@@ -318,11 +318,13 @@ def test_disconnect_mid_statement_interrupts_it(start):
     wait_true(lambda: b.cmd("done") == "True\n", what="statement interrupted")
 
 
-def test_host_threads_output_not_captured(demo):
+def test_thread_started_by_statement_writes_to_its_client(demo):
+    """0.5.0: a thread a statement starts is that client's (issue 8); the
+    host's stdout never sees its output."""
     c = demo.client()
-    out = c.cmd("import threading; t = threading.Thread(target=print, args=('from-host-thread',)); t.start(); t.join()")
-    assert out == ""
-    demo.wait_for("from-host-thread")
+    out = c.cmd("import threading; t = threading.Thread(target=print, args=('from-its-thread',)); t.start(); t.join()")
+    assert out == "from-its-thread\n"
+    assert "from-its-thread" not in demo.out
 
 
 def test_input_builtin_reads_from_client(demo):
