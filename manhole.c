@@ -4180,8 +4180,8 @@ static int config_seconds(manhole *mh, const char *field, double v)
     if (isfinite(v) && v >= 0 && v <= MH_MAX_SECONDS)
         return MANHOLE_OK;
     return set_err(mh, MANHOLE_EINVAL,
-                   "%s: %g is not a number of seconds from 0 to %g", field, v,
-                   MH_MAX_SECONDS);
+                   "%s: %g is not a number of seconds from 0 to %.0f", field,
+                   v, MH_MAX_SECONDS);
 }
 
 static int config_count(manhole *mh, const char *field, long long v)
