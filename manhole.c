@@ -2048,6 +2048,8 @@ typedef struct {
 typedef struct {
     PyDictObject dict;
     PyObject *core;
+    PyObject *detached;  /* set of bound names `del`eted in this namespace,
+                            or NULL: they read as ordinary names here */
 } NsObject;
 
 typedef struct {
@@ -2102,6 +2104,7 @@ static void ns_dealloc(PyObject *self)
     PyTypeObject *tp = Py_TYPE(self);
     PyObject_GC_UnTrack(self);
     Py_CLEAR(((NsObject *)self)->core);
+    Py_CLEAR(((NsObject *)self)->detached);
     PyDict_Type.tp_dealloc(self); /* frees through tp_free */
     Py_DECREF(tp);
 }
@@ -2109,12 +2112,14 @@ static void ns_dealloc(PyObject *self)
 static int ns_traverse(PyObject *self, visitproc visit, void *arg)
 {
     Py_VISIT(((NsObject *)self)->core);
+    Py_VISIT(((NsObject *)self)->detached);
     return PyDict_Type.tp_traverse(self, visit, arg);
 }
 
 static int ns_clear(PyObject *self)
 {
     Py_CLEAR(((NsObject *)self)->core);
+    Py_CLEAR(((NsObject *)self)->detached);
     return PyDict_Type.tp_clear(self);
 }
 
@@ -2274,30 +2279,59 @@ static int binding_set(CoreObject *core, BindingObject *b, PyObject *key,
     return hostcall_run(core->mh, &hc, 0);
 }
 
+/* The live binding of key in namespace self: a borrowed Binding, or NULL
+ * (with an exception set on error) when key is not bound there, or was
+ * `del`eted there. */
+static PyObject *ns_binding(PyObject *self, PyObject *key)
+{
+    NsObject *ns = (NsObject *)self;
+    CoreObject *core = (CoreObject *)ns->core;
+    if (!core || !core->bindings || !PyDict_GET_SIZE(core->bindings) ||
+        !PyUnicode_CheckExact(key))
+        return NULL;
+    PyObject *b = PyDict_GetItemWithError(core->bindings, key);
+    if (b && ns->detached) {
+        int gone = PySet_Contains(ns->detached, key);
+        if (gone)
+            return NULL; /* (or -1: the error is set) */
+    }
+    return b;
+}
+
 static PyObject *ns_subscript(PyObject *self, PyObject *key)
 {
-    CoreObject *core = (CoreObject *)((NsObject *)self)->core;
-    if (core && core->bindings && PyDict_GET_SIZE(core->bindings) &&
-        PyUnicode_CheckExact(key)) {
-        PyObject *b = PyDict_GetItemWithError(core->bindings, key);
-        if (b)
-            return binding_get((BindingObject *)b);
-        if (PyErr_Occurred())
-            return NULL;
-    }
+    PyObject *b = ns_binding(self, key);
+    if (b)
+        return binding_get((BindingObject *)b);
+    if (PyErr_Occurred())
+        return NULL;
     return PyDict_Type.tp_as_mapping->mp_subscript(self, key);
 }
 
+/* Assigning a bound name writes the C variable (or raises); `del` of a
+ * bound name removes it from this namespace only: from then on the name is
+ * an ordinary one here (undefined until assigned), while the host's
+ * variable, the host's other namespaces and other clients' copies keep the
+ * binding. */
 static int ns_ass_subscript(PyObject *self, PyObject *key, PyObject *v)
 {
-    CoreObject *core = (CoreObject *)((NsObject *)self)->core;
-    if (core && core->bindings && PyDict_GET_SIZE(core->bindings) &&
-        PyUnicode_CheckExact(key)) {
-        PyObject *b = PyDict_GetItemWithError(core->bindings, key);
-        if (b)
-            return binding_set(core, (BindingObject *)b, key, v);
-        if (PyErr_Occurred())
+    PyObject *b = ns_binding(self, key);
+    if (b && v)
+        return binding_set((CoreObject *)((NsObject *)self)->core,
+                           (BindingObject *)b, key, v);
+    if (PyErr_Occurred())
+        return -1;
+    if (b) {
+        NsObject *ns = (NsObject *)self;
+        if (!ns->detached && !(ns->detached = PySet_New(NULL)))
             return -1;
+        if (PySet_Add(ns->detached, key) < 0)
+            return -1;
+        /* the value seen by dict methods, if this namespace has one */
+        if (PyDict_Type.tp_as_mapping->mp_ass_subscript(self, key, NULL) < 0 &&
+            PyErr_ExceptionMatches(PyExc_KeyError))
+            PyErr_Clear();
+        return PyErr_Occurred() ? -1 : 0;
     }
     return PyDict_Type.tp_as_mapping->mp_ass_subscript(self, key, v);
 }
@@ -5788,14 +5822,14 @@ static manhole *mh_new(const manhole_config *cfg_in)
     memcpy(c, cfg_in, MH_MIN(cfg_in->struct_size, sizeof *c));
     c->struct_size = sizeof *c;
     manhole_config_init(&def);
-    if (c->max_clients <= 0) c->max_clients = def.max_clients;
+    if (c->max_clients == 0) c->max_clients = def.max_clients;
     if (c->max_line == 0) c->max_line = def.max_line;
     if (c->max_input == 0) c->max_input = def.max_input;
     if (c->max_input < c->max_line) c->max_input = c->max_line;
     if (c->max_output == 0) c->max_output = def.max_output;
-    if (c->max_workers <= 0) c->max_workers = def.max_workers;
+    if (c->max_workers == 0) c->max_workers = def.max_workers;
     if (c->unix_mode == 0) c->unix_mode = def.unix_mode;
-    if (c->close_timeout <= 0) /* (an older caller's struct: the default) */
+    if (c->close_timeout == 0) /* (an older caller's struct: the default) */
         c->close_timeout = def.close_timeout;
     mh->lfd_unix = mh->lfd_tcp = mh->wake_r = mh->wake_w = mh->reserve_fd = -1;
     mh->tcp_port = -1;
@@ -5814,6 +5848,66 @@ static manhole *mh_new(const manhole_config *cfg_in)
     pthread_once(&fork_once, fork_init);
     mh->fork_gen = fork_generation;
     return mh;
+}
+
+/* Seconds in a config field: finite, not negative, at most this. */
+#define MH_MAX_SECONDS 1e6
+
+static int config_seconds(manhole *mh, const char *field, double v)
+{
+    if (isfinite(v) && v >= 0 && v <= MH_MAX_SECONDS)
+        return MANHOLE_OK;
+    return set_err(mh, MANHOLE_EINVAL,
+                   "%s: %g is not a number of seconds from 0 to %.0f", field,
+                   v, MH_MAX_SECONDS);
+}
+
+static int config_count(manhole *mh, const char *field, long long v)
+{
+    if (v >= 0)
+        return MANHOLE_OK;
+    return set_err(mh, MANHOLE_EINVAL,
+                   "%s: %lld is negative (0 means the default)", field, v);
+}
+
+/* Refuse configuration the library would otherwise misread (negative
+ * counts, non-finite or absurd durations), naming the field. Only 0 means
+ * "the default". */
+static int config_check(manhole *mh)
+{
+    const manhole_config *c = &mh->cfg;
+    int rc;
+    if (!c->unix_path && c->tcp_port < 0)
+        return set_err(mh, MANHOLE_EINVAL,
+                       "nothing to listen on: set unix_path or tcp_port");
+    if (c->tcp_port < -1 || c->tcp_port > 65535)
+        return set_err(mh, MANHOLE_EINVAL,
+                       "tcp_port: %d out of range (-1: none, 0: any free port, "
+                       "up to 65535)", c->tcp_port);
+    if (c->unix_mode > 0777)
+        return set_err(mh, MANHOLE_EINVAL,
+                       "unix_mode: %#o has bits other than permissions (0 to 0777)",
+                       c->unix_mode);
+    if ((rc = config_seconds(mh, "timeout", c->timeout)) != MANHOLE_OK ||
+        (rc = config_seconds(mh, "idle_timeout", c->idle_timeout)) != MANHOLE_OK ||
+        (rc = config_seconds(mh, "close_timeout", c->close_timeout)) != MANHOLE_OK ||
+        (rc = config_count(mh, "max_clients", c->max_clients)) != MANHOLE_OK ||
+        (rc = config_count(mh, "max_workers", c->max_workers)) != MANHOLE_OK)
+        return rc;
+    const size_t sizes[] = {c->max_line, c->max_input, c->max_output};
+    const char *names[] = {"max_line", "max_input", "max_output"};
+    for (int i = 0; i < 3; i++)
+        if (sizes[i] > (size_t)PTRDIFF_MAX)
+            return set_err(mh, MANHOLE_EINVAL,
+                           "%s: %zu bytes is absurd (a negative number?)",
+                           names[i], sizes[i]);
+    if (c->worker_priority != MANHOLE_WORKERS_NICE &&
+        c->worker_priority != MANHOLE_WORKERS_IDLE &&
+        c->worker_priority != MANHOLE_WORKERS_NORMAL)
+        return set_err(mh, MANHOLE_EINVAL,
+                       "worker_priority: %d is not MANHOLE_WORKERS_NICE, _IDLE "
+                       "or _NORMAL", c->worker_priority);
+    return MANHOLE_OK;
 }
 
 int manhole_open(manhole **out, const manhole_config *cfg_in, char *err,
@@ -5837,14 +5931,7 @@ int manhole_open(manhole **out, const manhole_config *cfg_in, char *err,
     }
     manhole_config *c = &mh->cfg;
 
-    int rc = MANHOLE_OK;
-    if (!c->unix_path && c->tcp_port < 0)
-        rc = set_err(mh, MANHOLE_EINVAL,
-                     "nothing to listen on: set unix_path or tcp_port");
-    else if (c->tcp_port > 65535)
-        rc = set_err(mh, MANHOLE_EINVAL, "tcp port %d out of range", c->tcp_port);
-    else if (c->timeout < 0 || c->idle_timeout < 0)
-        rc = set_err(mh, MANHOLE_EINVAL, "timeouts must not be negative");
+    int rc = config_check(mh);
     if (rc != MANHOLE_OK)
         goto fail;
 
@@ -6346,6 +6433,8 @@ int manhole_wakeup(manhole *mh)
 {
     if (!mh)
         return MANHOLE_EINVAL;
+    if (mh_forked(mh)) /* (no message: errmsg is the host thread's) */
+        return MANHOLE_EFORKED;
     pthread_mutex_lock(&mh->lock);
     wake_host_force_locked(mh, 1);
     pthread_mutex_unlock(&mh->lock);
@@ -6365,6 +6454,72 @@ int manhole_client_count(const manhole *mh) { return mh ? mh->nclients : 0; }
 
 /* ---- Namespace API ---------------------------------------------------- */
 
+/* Python's hard keywords (the same from 3.8 on), and __debug__, which the
+ * compiler turns into a constant: names the prompt can never reach. */
+static const char *const py_keywords[] = {
+    "False", "None", "True", "and", "as", "assert", "async", "await", "break",
+    "class", "continue", "def", "del", "elif", "else", "except", "finally",
+    "for", "from", "global", "if", "import", "in", "is", "lambda", "nonlocal",
+    "not", "or", "pass", "raise", "return", "try", "while", "with", "yield",
+    "__debug__"};
+
+/* MANHOLE_OK if name is a name a client can type at the prompt: a Python
+ * identifier, not a keyword, and (non-ASCII) already in the NFKC form the
+ * compiler turns identifiers into. Otherwise MANHOLE_EINVAL with a message
+ * showing the name (escaped). */
+static int name_check(manhole *mh, const char *name)
+{
+    int ascii = 1, ok = 1;
+    for (const unsigned char *p = (const unsigned char *)name; *p; p++) {
+        if (*p >= 0x80)
+            ascii = 0;
+        else if (!(*p == '_' || (*p >= 'a' && *p <= 'z') || (*p >= 'A' && *p <= 'Z') ||
+                   (p != (const unsigned char *)name && *p >= '0' && *p <= '9')))
+            ok = 0;
+    }
+    const char *why = "is not a Python identifier";
+    if (ok && !ascii) {
+        PyGILState_STATE g = PyGILState_Ensure();
+        PyObject *u = PyUnicode_DecodeUTF8(name, (Py_ssize_t)strlen(name), "strict");
+        if (!u) {
+            ok = 0;
+            why = "is not valid UTF-8";
+        } else if (PyUnicode_IsIdentifier(u) != 1) {
+            ok = 0;
+        } else {
+            PyObject *ud = PyImport_ImportModule("unicodedata");
+            PyObject *nf = ud ? PyObject_CallMethod(ud, "normalize", "sO", "NFKC", u) : NULL;
+            if (nf && PyUnicode_Compare(nf, u) != 0) {
+                ok = 0;
+                why = "is not in NFKC form (the prompt could never name it)";
+            }
+            Py_XDECREF(nf);
+            Py_XDECREF(ud);
+        }
+        Py_XDECREF(u);
+        PyErr_Clear();
+        PyGILState_Release(g);
+    }
+    for (size_t i = 0; ok && i < sizeof py_keywords / sizeof py_keywords[0]; i++)
+        if (!strcmp(name, py_keywords[i])) {
+            ok = 0;
+            why = "is a Python keyword";
+        }
+    if (ok)
+        return MANHOLE_OK;
+    char shown[100];
+    size_t n = 0;
+    const unsigned char *p = (const unsigned char *)name;
+    for (; *p && n + 8 < sizeof shown; p++) {
+        if (*p >= 0x20 && *p < 0x7f && *p != '\\' && *p != '\'')
+            shown[n++] = (char)*p;
+        else
+            n += (size_t)snprintf(shown + n, sizeof shown - n, "\\x%02x", *p);
+    }
+    shown[n] = 0;
+    return set_err(mh, MANHOLE_EINVAL, "'%s'%s %s", shown, *p ? "..." : "", why);
+}
+
 #define NS_GUARD(mh, name)                                                     \
     do {                                                                       \
         if (!(mh) || !(name) || !(name)[0])                                    \
@@ -6373,6 +6528,8 @@ int manhole_client_count(const manhole *mh) { return mh ? mh->nclients : 0; }
         if (mh_forked(mh))                                                     \
             return set_err((mh), MANHOLE_EFORKED,                              \
                            "this manhole belongs to the parent process");     \
+        if (name_check((mh), (name)) != MANHOLE_OK)                            \
+            return MANHOLE_EINVAL;                                             \
     } while (0)
 
 static int py_fail(manhole *mh)
@@ -6501,9 +6658,13 @@ int manhole_bind(manhole *mh, const char *name, int type, void *addr, int flags)
         bo->addr = addr;
         bo->flags = flags;
         PyObject *now = binding_get(bo);
-        if (!now || PyDict_SetItemString(mh->ns, name, now) < 0 ||
-            PyDict_SetItemString(((CoreObject *)mh->core)->bindings, name, b) < 0)
+        PyObject *detached = ((NsObject *)mh->ns)->detached;
+        PyObject *key = PyUnicode_FromString(name);
+        if (!now || !key || PyDict_SetItem(mh->ns, key, now) < 0 ||
+            PyDict_SetItem(((CoreObject *)mh->core)->bindings, key, b) < 0 ||
+            (detached && PySet_Discard(detached, key) < 0)) /* bound anew */
             r = py_fail(mh);
+        Py_XDECREF(key);
         Py_XDECREF(now);
         Py_DECREF(b);
     }
