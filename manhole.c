@@ -3858,15 +3858,14 @@ static int exit_is_quitter(void)
         cur = next;
     }
     if (cur && cur != Py_None) {
+        /* (the module may be frozen: its name, not its file, tells) */
         PyObject *f = PyObject_GetAttrString(cur, "tb_frame");
-        PyObject *code = f ? PyObject_GetAttrString(f, "f_code") : NULL;
-        PyObject *fn = code ? PyObject_GetAttrString(code, "co_filename") : NULL;
-        const char *s = fn && PyUnicode_Check(fn) ? PyUnicode_AsUTF8(fn) : NULL;
-        size_t n = s ? strlen(s) : 0;
-        quitter = n >= 16 && strcmp(s + n - 16, "_sitebuiltins.py") == 0;
+        PyObject *g = f ? PyObject_GetAttrString(f, "f_globals") : NULL;
+        PyObject *name = g && PyDict_Check(g) ? PyDict_GetItemString(g, "__name__") : NULL;
+        const char *s = name && PyUnicode_Check(name) ? PyUnicode_AsUTF8(name) : NULL;
+        quitter = s && strcmp(s, "_sitebuiltins") == 0;
         Py_XDECREF(f);
-        Py_XDECREF(code);
-        Py_XDECREF(fn);
+        Py_XDECREF(g);
     }
     Py_XDECREF(cur);
     PyErr_Clear();
