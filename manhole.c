@@ -410,8 +410,9 @@ struct client {
     buf src;                /* lines of the block being entered */
     double src_compile;     /* seconds spent compiling it while incomplete */
     int raised;             /* the last statement raised (S record) */
-    PyObject *over[3];      /* the session's own sys.stdout, sys.stderr,
-                               sys.displayhook, if it assigned them */
+    PyObject *over[4];      /* the session's own sys.stdout, sys.stderr,
+                               sys.stdin, sys.displayhook (SYS_*), if it
+                               assigned them */
     PyObject *last_exc[3];  /* its sys.last_type/value/traceback */
 };
 
@@ -496,9 +497,8 @@ struct manhole {
     int reserve_fd;
     int listen_paused;
     double listen_resume_at;
-    sigset_t host_sigmask;  /* the host thread's signal mask at open */
-    sigset_t stmt_sigmask;  /* statements run with it, plus SIGPIPE unless
-                               the host ignores SIGPIPE */
+    sigset_t host_sigmask;  /* the host thread's signal mask at open:
+                               statements run with it */
 
     /* Poller. */
 #ifdef MH_HAVE_EPOLL
@@ -607,8 +607,22 @@ static void registry_remove(manhole *mh)
 static unsigned fork_generation;
 static pthread_once_t fork_once = PTHREAD_ONCE_INIT;
 
+static _Thread_local sigset_t fork_saved_mask;
+
+static int fork_from_statement(void)
+{
+    return (tl_worker && !tl_worker->is_host) || tl_bound;
+}
+
 static void on_fork_prepare(void)
 {
+    if (fork_from_statement()) {
+        /* No signal may reach the child before its handlers are reset
+         * (on_fork_child): it would run the host's. */
+        sigset_t all;
+        sigfillset(&all);
+        pthread_sigmask(SIG_BLOCK, &all, &fork_saved_mask);
+    }
     pthread_mutex_lock(&registry_lock);
     for (manhole *mh = registry; mh; mh = mh->reg_next)
         pthread_mutex_lock(&mh->lock);
@@ -619,6 +633,8 @@ static void on_fork_parent(void)
     for (manhole *mh = registry; mh; mh = mh->reg_next)
         pthread_mutex_unlock(&mh->lock);
     pthread_mutex_unlock(&registry_lock);
+    if (fork_from_statement())
+        pthread_sigmask(SIG_SETMASK, &fork_saved_mask, NULL);
 }
 
 static void close_set(int *fd)
@@ -631,11 +647,30 @@ static void close_set(int *fd)
 /* In the child: the manholes are the parent's. Their listening and
  * client sockets are closed here (the parent's socket must not stay
  * "live" in a child, nor a client miss its end of file), and the handles
- * go inert (MANHOLE_EFORKED). A child forked from a statement gets the
- * signal mask a program would have. */
+ * go inert (MANHOLE_EFORKED). A child forked from a statement (or from a
+ * thread one started) is a program of the client's: it gets the signal
+ * mask a program would have, and the host's signal handlers (which would
+ * act on the parent's behalf: write its pipes, stop its loop) are reset
+ * to the defaults, as exec would; ignored signals stay ignored. */
 static void on_fork_child(void)
 {
     fork_generation++;
+    if (fork_from_statement()) {
+        for (int sig = 1; sig < NSIG; sig++) {
+            struct sigaction sa;
+            if (sig == SIGKILL || sig == SIGSTOP || sigaction(sig, NULL, &sa) < 0)
+                continue;
+            if (!(sa.sa_flags & SA_SIGINFO) &&
+                (sa.sa_handler == SIG_DFL || sa.sa_handler == SIG_IGN))
+                continue;
+            sa.sa_handler = SIG_DFL;
+            sa.sa_flags = 0;
+            sigemptyset(&sa.sa_mask);
+            sigaction(sig, &sa, NULL);
+        }
+        manhole *own = tl_worker ? tl_worker->mh : tl_bound->mh;
+        pthread_sigmask(SIG_SETMASK, &own->host_sigmask, NULL);
+    }
     for (manhole *mh = registry; mh; mh = mh->reg_next) {
         close_set(&mh->lfd_unix);
         close_set(&mh->lfd_tcp);
@@ -649,8 +684,6 @@ static void on_fork_child(void)
 #endif
         for (client *c = mh->clients; c; c = c->next)
             close_set(&c->fd);
-        if (tl_worker && tl_worker->mh == mh && !tl_worker->is_host)
-            pthread_sigmask(SIG_SETMASK, &mh->host_sigmask, NULL);
         pthread_mutex_unlock(&mh->lock);
     }
     pthread_mutex_unlock(&registry_lock);
@@ -2069,6 +2102,9 @@ typedef struct {
 } ProxyObject;
 
 enum { K_STDOUT, K_STDERR, K_STDIN };
+/* The sys attributes a session may assign for itself (c->over). */
+enum { SYS_STDOUT = K_STDOUT, SYS_STDERR = K_STDERR, SYS_STDIN = K_STDIN, SYS_HOOK, SYS_N };
+static const char *const sys_names[SYS_N] = {"stdout", "stderr", "stdin", "displayhook"};
 
 static void simple_dealloc(PyObject *self)
 {
@@ -2655,10 +2691,8 @@ static PyObject *proxy_write(PyObject *self, PyObject *arg)
         ret = PyUnicode_GET_LENGTH(arg);
         /* The session assigned sys.stdout/sys.stderr: its output goes
          * there (and only its own). */
-        PyObject *over = tl_worker && tl_worker->c == c && c->over[p->kind]
-                             ? c->over[p->kind] : NULL;
-        if (over)
-            return PyObject_CallMethod(over, "write", "O", arg);
+        if (c->over[p->kind])
+            return PyObject_CallMethod(c->over[p->kind], "write", "O", arg);
         s = PyUnicode_AsUTF8AndSize(arg, &n);
         if (!s) { /* lone surrogates: show them escaped, never fail */
             PyErr_Clear();
@@ -2812,6 +2846,12 @@ static PyObject *proxy_readline(PyObject *self, PyObject *args)
         return FORWARD("readline");
     if (p->kind != K_STDIN)
         return unsupported("not readable");
+    if (c->over[SYS_STDIN] && !p->binary) { /* the session's own sys.stdin */
+        PyObject *m = PyObject_GetAttrString(c->over[SYS_STDIN], "readline");
+        PyObject *r = m ? PyObject_Call(m, args, NULL) : NULL;
+        Py_XDECREF(m);
+        return r;
+    }
     return stdin_readline(tl_worker, c, p->binary);
 }
 
@@ -3092,8 +3132,8 @@ static PyObject *displayhook(PyObject *orig, PyObject *obj)
     client *c = current_client();
     if (!c || completing())
         return PyObject_CallFunctionObjArgs(orig, obj, NULL);
-    if (tl_worker && tl_worker->c == c && c->over[2])
-        return PyObject_CallFunctionObjArgs(c->over[2], obj, NULL);
+    if (c->over[SYS_HOOK])
+        return PyObject_CallFunctionObjArgs(c->over[SYS_HOOK], obj, NULL);
     if (obj == Py_None)
         Py_RETURN_NONE;
     PyObject *globals = PyEval_GetGlobals();
@@ -3112,6 +3152,161 @@ static PyObject *displayhook(PyObject *orig, PyObject *obj)
 }
 
 static PyMethodDef displayhook_def = {"displayhook", displayhook, METH_O, NULL};
+
+/* ---- sys.stdout & co., per session ------------------------------------ */
+
+/* The sys module gets a class of its own (a ModuleType subclass) whose
+ * properties stdout, stderr, stdin and displayhook are read and assigned
+ * per session on manhole threads: `sys.stdout = f` (contextlib's
+ * redirect_stdout too) sends that session's output to f, and nobody
+ * else's, while the module's dict (what print() and the interpreter use)
+ * keeps the routing proxies. On the host's threads an assignment sets
+ * what the proxy forwards to. */
+
+/* Is v one of the manhole's own objects for sys attribute k, or the
+ * original it stands for (an assignment back to it ends a session's
+ * own)? */
+static int sys_is_ours(PyObject *mod, int k, PyObject *v)
+{
+    static const char *const dunder[SYS_N] = {"__stdout__", "__stderr__", "__stdin__", NULL};
+    PyObject *a = PyObject_GetAttrString(mod, sys_names[k]);
+    PyObject *b = dunder[k] ? PyObject_GetAttrString(mod, dunder[k]) : NULL;
+    PyErr_Clear();
+    int r = v == a || (b && v == b) ||
+            (k < SYS_HOOK && a && v == ((ProxyObject *)a)->orig) ||
+            (k < SYS_HOOK && b && v == ((ProxyObject *)b)->orig) ||
+            (k == SYS_HOOK && a && PyCFunction_Check(a) && v == PyCFunction_GET_SELF(a));
+    Py_XDECREF(a);
+    Py_XDECREF(b);
+    return r;
+}
+
+static void sys_assign_for(client *c, int k, PyObject *v)
+{
+    PyObject *mod = PyDict_GetItemString(PyImport_GetModuleDict(), "_manhole");
+    if (!v || v == Py_None || !mod || sys_is_ours(mod, k, v)) {
+        Py_CLEAR(c->over[k]);
+        return;
+    }
+    Py_INCREF(v);
+    Py_XSETREF(c->over[k], v);
+}
+
+static int sys_index(PyObject *name)
+{
+    const char *n = PyUnicode_Check(name) ? PyUnicode_AsUTF8(name) : NULL;
+    for (int k = 0; n && k < SYS_N; k++)
+        if (strcmp(n, sys_names[k]) == 0)
+            return k;
+    PyErr_Clear();
+    return -1;
+}
+
+static PyObject *sys_attr_get(PyObject *self, PyObject *name)
+{
+    MH_UNUSED(self);
+    int k = sys_index(name);
+    client *c = current_client();
+    if (k >= 0 && c && !completing() && c->over[k]) {
+        Py_INCREF(c->over[k]);
+        return c->over[k];
+    }
+    PyObject *v = k >= 0 ? PySys_GetObject(sys_names[k]) : NULL;
+    if (!v) {
+        PyErr_SetObject(PyExc_AttributeError, name);
+        return NULL;
+    }
+    Py_INCREF(v);
+    return v;
+}
+
+static PyObject *sys_attr_set(PyObject *self, PyObject *args)
+{
+    MH_UNUSED(self);
+    PyObject *name, *v;
+    if (!PyArg_ParseTuple(args, "OO", &name, &v))
+        return NULL;
+    int k = sys_index(name);
+    if (k < 0) {
+        PyErr_SetObject(PyExc_AttributeError, name);
+        return NULL;
+    }
+    client *c = current_client();
+    if (c && !completing()) {
+        sys_assign_for(c, k, v);
+        Py_RETURN_NONE;
+    }
+    PyObject *mod = PyDict_GetItemString(PyImport_GetModuleDict(), "_manhole");
+    PyObject *ours = mod ? PyObject_GetAttrString(mod, sys_names[k]) : NULL;
+    PyErr_Clear();
+    if (k < SYS_HOOK && ours && PySys_GetObject(sys_names[k]) == ours) {
+        /* The host's own: the proxy stays, and forwards to v. */
+        PyObject *to = v;
+        if (PyObject_TypeCheck(v, Py_TYPE(ours)))
+            to = ((ProxyObject *)v)->orig; /* sys.__stdout__ & co. */
+        Py_INCREF(to);
+        Py_XSETREF(((ProxyObject *)ours)->orig, to);
+        Py_CLEAR(((ProxyObject *)ours)->buffer);
+    } else if (PySys_SetObject(sys_names[k], v) < 0) {
+        Py_XDECREF(ours);
+        return NULL;
+    }
+    Py_XDECREF(ours);
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef sys_get_def = {"sys_get", sys_attr_get, METH_O, NULL};
+static PyMethodDef sys_set_def = {"sys_set", sys_attr_set, METH_VARARGS, NULL};
+
+static const char sys_class_src[] =
+    "def _make(get, set_):\n"
+    "    import sys\n"
+    "    base = type(sys)\n"
+    "    def prop(n):\n"
+    "        return property(lambda self: get(n), lambda self, v: set_(n, v))\n"
+    "    attrs = {n: prop(n) for n in ('stdout', 'stderr', 'stdin', 'displayhook')}\n"
+    "    attrs['__slots__'] = ()\n"
+    "    cls = type('module', (base,), attrs)\n"
+    "    sys.__class__ = cls\n"
+    "    return base\n";
+
+/* Give sys its class (on = 1; returns the plain module type to restore),
+ * or take it back. GIL held. */
+static int sys_class(PyObject *mod, int on)
+{
+    PyObject *sys = PyImport_ImportModule("sys");
+    int r = 0;
+    if (!sys)
+        return -1;
+    if (on) {
+        PyObject *get = PyCFunction_New(&sys_get_def, NULL);
+        PyObject *set = PyCFunction_New(&sys_set_def, NULL);
+        PyObject *g = PyDict_New();
+        PyObject *base = NULL;
+        if (get && set && g) {
+            PyDict_SetItemString(g, "__builtins__", PyEval_GetBuiltins());
+            PyObject *x = PyRun_String(sys_class_src, Py_file_input, g, g);
+            PyObject *make = x ? PyDict_GetItemString(g, "_make") : NULL;
+            base = make ? PyObject_CallFunctionObjArgs(make, get, set, NULL) : NULL;
+            Py_XDECREF(x);
+        }
+        if (base)
+            PyModule_AddObject(mod, "sys_base", base); /* steals */
+        else
+            r = -1;
+        Py_XDECREF(get);
+        Py_XDECREF(set);
+        Py_XDECREF(g);
+    } else {
+        PyObject *base = PyObject_GetAttrString(mod, "sys_base");
+        if (base && PyObject_SetAttrString(sys, "__class__", base) == 0)
+            PyObject_DelAttrString(mod, "sys_base");
+        Py_XDECREF(base);
+        PyErr_Clear();
+    }
+    Py_DECREF(sys);
+    return r;
+}
 
 /* ---- Threads started from a statement -------------------------------- */
 
@@ -3426,6 +3621,8 @@ static PyObject *support_acquire(int python_started_here, PyThreadState *ts)
             goto fail;
         PySys_SetObject("displayhook", hook);
         PyModule_AddObject(mod, "displayhook", hook);
+        if (sys_class(mod, 1) < 0)
+            goto fail;
     }
     PyObject *nu = PyLong_FromLong(users + 1);
     if (!nu || PyObject_SetAttrString(mod, "users", nu) < 0) {
@@ -3468,6 +3665,7 @@ static int support_release(PyThreadState **ts)
             Py_XDECREF(p);
         }
         threads_wrap(mod, 0);
+        sys_class(mod, 0);
         PyObject *hook = PyObject_GetAttrString(mod, "displayhook");
         if (hook && PySys_GetObject("displayhook") == hook)
             PySys_SetObject("displayhook", PyCFunction_GET_SELF(hook));
@@ -3697,10 +3895,10 @@ static void session_close(client *c)
 {
     Py_CLEAR(c->ns);
     Py_CLEAR(c->compiler);
-    for (int k = 0; k < 3; k++) {
+    for (int k = 0; k < SYS_N; k++)
         Py_CLEAR(c->over[k]);
+    for (int k = 0; k < 3; k++)
         Py_CLEAR(c->last_exc[k]);
-    }
     buf_free(&c->src);
     pthread_mutex_lock(&c->mh->lock);
     c->has_session = 0;
@@ -4015,39 +4213,29 @@ static int others_running(manhole *mh)
  * original (sys.__stdout__, sys.__displayhook__) ends that. A debugger's
  * trace function ends with the statement: the worker thread serves other
  * clients next. GIL held. */
+static int sys_is_ours(PyObject *mod, int k, PyObject *v);
+static void sys_assign_for(client *c, int k, PyObject *v);
+
 static void session_hooks_after(client *c)
 {
     PyObject *mod = PyDict_GetItemString(PyImport_GetModuleDict(), "_manhole");
-    if (mod) {
-        static const char *const names[3] = {"stdout", "stderr", "displayhook"};
-        static const char *const dunder[3] = {"__stdout__", "__stderr__", NULL};
-        for (int k = 0; k < 3; k++) {
-            PyObject *ours = PyObject_GetAttrString(mod, names[k]);
-            PyObject *now = PySys_GetObject(names[k]); /* borrowed */
-            if (!ours) {
-                PyErr_Clear();
-                continue;
-            }
-            if (now != ours) {
-                PyObject *restore = dunder[k] ? PyObject_GetAttrString(mod, dunder[k]) : NULL;
-                PyErr_Clear();
-                int back = (restore && now == restore) ||
-                           (k == 2 && PyCFunction_Check(ours) && now == PyCFunction_GET_SELF(ours));
-                if (back || !now || now == Py_None)
-                    Py_CLEAR(c->over[k]);
-                else if (others_running(c->mh)) {
-                    /* Another client's statement ran meanwhile: whose
-                     * assignment this was cannot be told, so it is nobody's
-                     * (output stays with each client). */
-                } else {
-                    Py_INCREF(now);
-                    Py_XSETREF(c->over[k], now);
-                }
-                PySys_SetObject(names[k], ours);
-                Py_XDECREF(restore);
-            }
-            Py_DECREF(ours);
+    for (int k = 0; mod && k < SYS_N; k++) {
+        /* Assignments go through the sys module's class (sys_attr_set);
+         * this catches what went around it (sys.__dict__, C code). */
+        PyObject *ours = PyObject_GetAttrString(mod, sys_names[k]);
+        PyObject *now = PySys_GetObject(sys_names[k]); /* borrowed */
+        if (!ours) {
+            PyErr_Clear();
+            continue;
         }
+        if (now != ours) {
+            if (!now || sys_is_ours(mod, k, now) || !others_running(c->mh))
+                sys_assign_for(c, k, now);
+            /* else: another client's statement ran meanwhile, and whose
+             * assignment this was cannot be told: nobody's. */
+            PySys_SetObject(sys_names[k], ours);
+        }
+        Py_DECREF(ours);
     }
     PyEval_SetTrace(NULL, NULL);
     PyEval_SetProfile(NULL, NULL);
@@ -4080,7 +4268,7 @@ static int run_code(worker *w, client *c, PyObject *code)
      * host's), but a statement runs with the host's mask: the processes
      * and threads it starts inherit a normal one. */
     if (!w->is_host)
-        pthread_sigmask(SIG_SETMASK, &c->mh->stmt_sigmask, NULL);
+        pthread_sigmask(SIG_SETMASK, &c->mh->host_sigmask, NULL);
     PyObject *r = PyEval_EvalCode(code, ns, ns);
     if (!w->is_host)
         block_signals();
@@ -4403,7 +4591,7 @@ static void process_job(worker *w, client *c)
         }
     }
     if (c->intr_pending && !requeue && !c->dead && !c->exiting && !mh->stopping &&
-        buf_used(&c->inq) < 5) {
+        !c->out_blocked && buf_used(&c->inq) < 5) {
         /* Interrupted at the prompt: the half-entered block is dropped,
          * as python3 -i does on Ctrl-C. */
         c->intr_pending = 0;
@@ -5138,7 +5326,15 @@ static int completion_request(client *c, const char *p, size_t n)
     j->text = text;
     j->c = c;
     pthread_mutex_lock(&mh->lock);
-    if (!ok || c->ncomp >= MAX_COMPLETIONS || c->dead || mh->stopping) {
+    if (buf_used(&c->out) + c->tx_backlog >= mh->cfg.max_output || c->dead || mh->stopping) {
+        /* A client that does not read its answers gets no more of them
+         * (its memory stays bounded); it can still interrupt. */
+        pthread_mutex_unlock(&mh->lock);
+        free(text);
+        free(j);
+        return 0;
+    }
+    if (!ok || c->ncomp >= MAX_COMPLETIONS) {
         /* Not answerable: an empty answer at once. */
         char r[32];
         int k = snprintf(r, sizeof r, "%lu 0", id);
@@ -5998,14 +6194,6 @@ int manhole_open(manhole **out, const manhole_config *cfg_in, char *err,
     if ((rc = py_open(mh)) != MANHOLE_OK)
         goto fail;
     pthread_sigmask(SIG_SETMASK, NULL, &mh->host_sigmask);
-    mh->stmt_sigmask = mh->host_sigmask;
-    {
-        struct sigaction sa;
-        if (sigaction(SIGPIPE, NULL, &sa) == 0 && sa.sa_handler == SIG_DFL)
-            sigaddset(&mh->stmt_sigmask, SIGPIPE); /* a statement writing to a
-                                                      closed pipe must not kill
-                                                      the host */
-    }
     registry_add(mh);
     char where[PATH_MAX + 128];
     snprintf(where, sizeof where, "%s%s%s%s%s", mh->unix_path ? "unix:" : "",

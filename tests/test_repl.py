@@ -282,12 +282,17 @@ def test_sys_exit_status_reaches_host(start):
     assert p.wait() == 3
 
 
-def test_exit_builtin_ends_with_status_zero(start):
+def test_exit_builtin_ends_only_that_session(start):
+    """0.5.0 (issue 8): exit() and quit() leave, as at end of input; the
+    host keeps running and hears nothing of it."""
     p = start(DEMO)
-    c = p.client()
-    c.send("exit()\n")
-    assert c.read_all() == b""
-    assert p.wait() == 0
+    for word in ("exit()", "quit()"):
+        c = p.client()
+        c.send(word + "\n")
+        assert c.read_all() == b""
+        assert p.client().cmd("'still here'") == "'still here'\n"
+    assert p.p.poll() is None
+    assert "sys.exit" not in p.err
 
 
 def test_sys_exit_with_message(start):
