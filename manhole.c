@@ -4,9 +4,10 @@
  * What it is
  * ----------
  * The host opens a manhole and keeps calling it from its own event loop.
- * Clients connect to a UNIX socket (or loopback TCP) with nc or socat and get
- * the prompt of an embedded CPython, with the same prompts, reprs,
- * tracebacks and syntax errors as `python3 -i`.
+ * Clients connect to a UNIX socket (or loopback TCP, after sending a secret)
+ * with manhole-cli, nc or socat and get the prompt of an embedded CPython,
+ * with the same prompts, reprs, tracebacks and syntax errors as
+ * `python3 -i`.
  *
  * Threads
  * -------
@@ -32,8 +33,26 @@
  *    set): sleeps until the earliest statement deadline, writes the
  *    TimeoutError report for an expired statement, and interrupts it with
  *    PyThreadState_SetAsyncExc(KeyboardInterrupt). It is also how a client
- *    that hung up gets its statement interrupted. It takes the GIL only to
- *    deliver the interrupt, never while holding mh->lock.
+ *    that hung up, or asked for an interrupt (telnet IP/BRK, or the
+ *    extended channel), gets its statement interrupted; an interrupted
+ *    statement that has not stopped after INTERRUPT_GRACE is abandoned like
+ *    a timed-out one. A statement waiting in input() is not counting
+ *    against its deadline and raises the client's interrupt itself. The
+ *    watchdog takes the GIL only to deliver an interrupt, never while
+ *    holding mh->lock.
+ *
+ * Completion requests are a second queue (mh->cq) that any worker takes
+ * before client jobs: a client's completion is answered while its own
+ * statement runs on another worker. A completion has the statement
+ * timeout; its output is dropped.
+ *
+ * Signals: workers block every signal (the host's signals stay with the
+ * host), but a statement runs with the host thread's mask, so processes
+ * and threads it starts get a normal one. A fork() from a statement (or
+ * from a thread one started) gives a child whose handlers are reset to the
+ * defaults and which closes every manhole's sockets (a pthread_atfork
+ * handler; the registry lists open manholes); when its statement returns
+ * into the library it exits.
  *
  * Lock order: the GIL may be held when taking mh->lock, never the other
  * way round; nobody waits on a condition variable while holding the GIL.
@@ -43,14 +62,21 @@
  *
  * Output
  * ------
- * sys.stdout, sys.stderr, sys.stdin and sys.displayhook are replaced once
- * per process by small C proxies that look at a thread-local pointer: on a
- * thread that runs a manhole statement, output goes to that client's
- * buffer; on any other thread (the host's own Python, threads started from
- * the REPL) it goes to the original stream. So many clients run at once and
- * each sees exactly its own output, while the host's output is never
- * captured. A client that stops reading makes its own statement wait once
- * max_output bytes are pending; nobody else notices.
+ * sys.stdout, sys.stderr, sys.stdin, their sys.__stdout__ & co., and
+ * sys.displayhook are replaced once per process by small C proxies that
+ * look at thread-local pointers: on a thread that runs a manhole statement,
+ * or one such a statement started (its function is wrapped when
+ * _thread starts it), output goes to that client's buffer; on any other
+ * thread (the host's own) it goes to the original stream. So many clients
+ * run at once and each sees exactly its own output, while the host's output
+ * is never captured. On a manhole thread a proxy is a complete stream of
+ * its client (buffer, iteration, readlines) and never reaches the
+ * process's real one. The sys module gets a ModuleType subclass whose
+ * stdout/stderr/stdin/displayhook properties make an assignment on a
+ * manhole thread that session's own: the dict, which print() and the
+ * interpreter read, keeps the proxies. A client that stops reading makes
+ * its own statement (or thread) wait once max_output bytes are pending;
+ * nobody else notices.
  *
  * Compiling
  * ---------
@@ -72,12 +98,21 @@
  * Plain UTF-8 text, no negotiation. The server sends the banner (if any)
  * and the prompt (sys.ps1, default ">>> "; sys.ps2, default "... " while a
  * block is open), then output and a new prompt per input line. Lines end in
- * LF, CRLF, or a lone CR; telnet IAC sequences are dropped. A line that is
- * too long, holds a NUL byte or is not UTF-8 is discarded with a one-line
+ * LF, CRLF, or a lone CR. Telnet commands are parsed: IP and BRK interrupt,
+ * the rest is dropped, a subnegotiation is bounded. A line that is too
+ * long, holds a NUL byte or is not UTF-8 is discarded with a one-line
  * "manhole: ..." message. When the client shuts down its sending side,
  * every line already sent is run, a block still open is closed as by an
  * empty line, the output is delivered and the server closes. A TCP client
- * whose first line looks like HTTP is dropped before anything runs.
+ * must send the secret as its first line (unless tcp_insecure); one whose
+ * first bytes look like HTTP is dropped before anything runs.
+ *
+ * A client that asks for it (telnet subnegotiation of the private option
+ * 77, "hello") gets the extended channel: prompts, statement status and
+ * input waits as records, completion, scripts, interrupts; output bytes
+ * 0xFF are doubled. Records are framed where the output is produced
+ * (workers append to the client's buffer), so the host only moves bytes.
+ * README, Protocol, is the specification.
  *
  * Sections: platform, utilities, data, sockets, poller, framing, output,
  * Python glue, workers and watchdog, the host side, public API.
@@ -340,8 +375,8 @@ enum { REC_LINE = 1, REC_ERROR = 2, REC_EOF = 3, REC_HELLO = 4, REC_SCRIPT = 5 }
 /* Telnet bytes, and the private subnegotiation option of the extended
  * channel (README, Protocol). */
 enum {
-    TN_SE = 240, TN_BRK = 243, TN_IP = 244, TN_SB = 250, TN_IAC = 255,
-    TN_OPT_MANHOLE = 77
+    TN_SE = 240, TN_BRK = 243, TN_IP = 244, TN_SB = 250, TN_WILL = 251, TN_DO = 253,
+    TN_IAC = 255, TN_OPT_TM = 6, TN_OPT_MANHOLE = 77
 };
 #define SB_MAX_OTHER 512 /* bytes of a subnegotiation we do not speak */
 #define INTERRUPT_GRACE 1.0 /* seconds an interrupted statement has to stop
@@ -371,6 +406,7 @@ struct client {
     unsigned char after_cr; /* swallow an LF/NUL right after a CR */
     unsigned char iac;      /* telnet command parser state */
     unsigned char sb_opt;   /* option of the subnegotiation being read */
+    unsigned char iac_cmd;  /* the telnet command being read */
     unsigned char got_line; /* first line seen (HTTP check) */
     unsigned char auth;     /* TCP: waiting for the secret line */
     buf sb;                 /* subnegotiation payload being read */
@@ -1764,11 +1800,23 @@ static int frame_bytes(client *c, const unsigned char *p, size_t n, buf *recs)
                 c->iac = (ch >= 251 && ch <= 254) ? IAC_OPT
                          : ch == TN_SB            ? IAC_SB
                                                   : IAC_NONE;
+                c->iac_cmd = ch;
                 if ((ch == TN_IP || ch == TN_BRK) && !c->auth)
                     client_interrupt(c, buf_used(recs) > 0);
                 break;
             case IAC_OPT:
                 c->iac = IAC_NONE;
+                if (c->iac_cmd == TN_DO && ch == TN_OPT_TM && !c->auth) {
+                    /* telnet asks for a timing mark after an interrupt and
+                     * shows nothing until it comes (RFC 860): everything
+                     * before it has been taken in, so it comes now, after
+                     * the output already produced. */
+                    static const char tm[3] = {(char)TN_IAC, (char)TN_WILL, (char)TN_OPT_TM};
+                    pthread_mutex_lock(&mh->lock);
+                    buf_add(&c->out, tm, 3);
+                    mark_dirty_locked(c);
+                    pthread_mutex_unlock(&mh->lock);
+                }
                 break;
             case IAC_SB:
                 c->sb_opt = ch;
