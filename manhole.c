@@ -4602,6 +4602,7 @@ static void process_job(worker *w, client *c)
     c->runner = w;
     w->c = c;
     int requeue = 0;
+again:
     while (!c->dead && !c->exiting && !mh->stopping) {
         int kind;
         if (buf_used(&c->out) + c->tx_backlog >= mh->cfg.max_output) {
@@ -4649,6 +4650,7 @@ static void process_job(worker *w, client *c)
         client_output_str(w, c, "\nKeyboardInterrupt\n");
         write_prompt(w, c, 0);
         pthread_mutex_lock(&mh->lock);
+        goto again; /* lines that came meanwhile found the client busy */
     }
     c->runner = NULL;
     w->c = NULL;
