@@ -600,6 +600,7 @@ struct manhole {
     PyObject *filename;     /* "<stdin>" */
     PyObject *single;       /* "single" */
     PyObject *complete_fn;  /* (namespace, text) -> (n, candidates) */
+    PyObject *noop;         /* lambda: None */
     unsigned long host_py_tid; /* Python's id for the thread that opened */
 
     char errmsg[512];
@@ -2795,10 +2796,40 @@ static PyObject *stdin_readline(worker *w, client *c, int binary)
     int interrupted = 0;
     if (!w || w->completing || w->c != c) /* a thread, a completion: no input */
         return binary ? PyBytes_FromStringAndSize("", 0) : PyUnicode_FromString("");
+    /* From here the wait is the client's time, not the statement's, and
+     * an interrupt is raised here rather than injected by the watchdog. */
+    double left = 0;
+    pthread_mutex_lock(&mh->lock);
+    if (!w->is_host) {
+        w->waiting = 1;
+        left = w->deadline > 0 ? w->deadline - now_mono() : 0;
+        if (w->deadline > 0 && left < 0.001)
+            left = 0.001;
+        w->deadline = 0;
+        w->int_deadline = 0; /* an earlier interrupt was dealt with */
+    }
+    int injected = w->want_int && w->user_int && w->int_sent;
+    pthread_mutex_unlock(&mh->lock);
+    if (injected && mh->noop) {
+        /* The watchdog may have injected the client's interrupt just
+         * before: a call of an empty function raises it if it is still
+         * pending, instead of it waiting behind the client's next line. */
+        PyObject *r = PyObject_CallObject(mh->noop, NULL);
+        if (!r) {
+            pthread_mutex_lock(&mh->lock);
+            w->waiting = 0;
+            if (left > 0) {
+                w->deadline = now_mono() + left;
+                watchdog_kick_locked(mh, w->deadline);
+            }
+            pthread_mutex_unlock(&mh->lock);
+            return NULL;
+        }
+        Py_DECREF(r);
+    }
     PyThreadState *ts = PyEval_SaveThread();
     pthread_mutex_lock(&mh->lock);
     int told = 0;
-    double left = 0;
     for (;;) {
         if (c->dead || w->timed_out || mh->stopping || c->exiting)
             break;
@@ -2851,14 +2882,6 @@ static PyObject *stdin_readline(worker *w, client *c, int binary)
             pthread_mutex_lock(&mh->lock);
             told = 1;
             continue;
-        }
-        if (!w->waiting) { /* the wait is the client's time, not ours */
-            w->waiting = 1;
-            w->int_deadline = 0; /* an earlier interrupt was dealt with */
-            left = w->deadline > 0 ? w->deadline - now_mono() : 0;
-            if (w->deadline > 0 && left < 0.001)
-                left = 0.001;
-            w->deadline = 0;
         }
         c->in_waiters++;
         pthread_cond_wait(&c->cv, &mh->lock);
@@ -5969,7 +5992,8 @@ static int py_open(manhole *mh)
     PyErr_Clear();
     threads_wrap(mod, 1);
     mh->complete_fn = make_from_source(complete_src, NULL);
-    if (!mh->complete_fn)
+    mh->noop = make_from_source("def _make():\n    return lambda: None\n", NULL);
+    if (!mh->complete_fn || !mh->noop)
         goto fail_support;
     PyObject *builtins = PyImport_ImportModule("builtins");
     PyObject *codeop = PyImport_ImportModule("codeop");
@@ -6033,6 +6057,7 @@ fail_support: {
     Py_CLEAR(mh->filename);
     Py_CLEAR(mh->single);
     Py_CLEAR(mh->complete_fn);
+    Py_CLEAR(mh->noop);
     support_release(&ts);
 }
 fail: {
@@ -6471,6 +6496,7 @@ void manhole_close(manhole *mh)
     Py_CLEAR(mh->filename);
     Py_CLEAR(mh->single);
     Py_CLEAR(mh->complete_fn);
+    Py_CLEAR(mh->noop);
     PyThreadState *main_ts = NULL;
     if (support_release(&main_ts)) {
         if (PyThreadState_Get() != main_ts) {
