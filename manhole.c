@@ -36,8 +36,8 @@
  *    that hung up, or asked for an interrupt (telnet IP/BRK, or the
  *    extended channel), gets its statement interrupted; an interrupted
  *    statement that has not stopped after INTERRUPT_GRACE is abandoned like
- *    a timed-out one. A statement waiting in input() is not counting
- *    against its deadline and raises the client's interrupt itself. The
+ *    a timed-out one. Time a statement waits in input() does not count
+ *    against its deadline, and it raises the client's interrupt itself. The
  *    watchdog takes the GIL only to deliver an interrupt, never while
  *    holding mh->lock.
  *
@@ -1073,33 +1073,70 @@ static int unix_listen(manhole *mh)
      * private directory beside it, given its mode there, and renamed into
      * place, which replaces a name and follows no link. */
     struct sockaddr_un tsa = sa;
-    char tdir[sizeof sa.sun_path] = "";
+    char tdir[PATH_MAX] = "", tsock[PATH_MAX] = "";
+    int near = 0; /* bind at the path itself, set the mode without links */
     if (wider) {
         int k = snprintf(tdir, sizeof tdir, "%s/.manhole-XXXXXX", dir);
-        if (k < 0 || (size_t)k + 3 > sizeof tsa.sun_path || !mkdtemp(tdir)) {
-            int e = k < 0 || (size_t)k + 3 > sizeof tsa.sun_path ? ENAMETOOLONG : errno;
+        if (k < 0 || (size_t)k + 3 > sizeof tdir || !mkdtemp(tdir)) {
+            int e = k < 0 || (size_t)k + 3 > sizeof tdir ? ENAMETOOLONG : errno;
             close(fd);
             return set_err(mh, MANHOLE_ESYS,
                            "%s: cannot make a private directory beside it to set "
                            "mode %03o safely: %s",
                            path, (unsigned)want, strerror(e));
         }
-        size_t tl = strlen(tdir); /* fits: checked above */
-        memcpy(tsa.sun_path, tdir, tl);
-        memcpy(tsa.sun_path + tl, "/s", 3);
-    }
-    mode_t old = umask(0177);
-    int r = bind(fd, (struct sockaddr *)&tsa, sizeof tsa);
-    int e = errno;
-    umask(old);
-    if (r == 0 && wider) {
-        if (chmod(tsa.sun_path, want) < 0 || rename(tsa.sun_path, path) < 0) {
-            r = -1;
-            e = errno;
-            unlink(tsa.sun_path);
+        snprintf(tsock, sizeof tsock, "%s/s", tdir);
+        if (strlen(tsock) < sizeof tsa.sun_path) {
+            memcpy(tsa.sun_path, tsock, strlen(tsock) + 1);
+        } else {
+#ifdef __linux__
+            /* Too long for sun_path: reach the directory through its
+             * descriptor instead. */
+            int dfd = open(tdir, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+            if (dfd >= 0)
+                snprintf(tsa.sun_path, sizeof tsa.sun_path, "/proc/self/fd/%d/s", dfd);
+            mode_t o = umask(0177);
+            int br = dfd >= 0 ? bind(fd, (struct sockaddr *)&tsa, sizeof tsa) : -1;
+            int be = errno;
+            umask(o);
+            if (dfd >= 0)
+                close(dfd);
+            if (br < 0) {
+                rmdir(tdir);
+                close(fd);
+                return set_err(mh, MANHOLE_ESYS, "%s: cannot bind: %s", path, strerror(be));
+            }
+            tsa.sun_path[0] = 0; /* bound already */
+#else
+            rmdir(tdir);
+            tdir[0] = 0;
+            near = 1;
+#endif
         }
     }
-    if (wider)
+    int r = 0, e = 0;
+    if (!wider || near || tsa.sun_path[0]) {
+        mode_t old = umask(0177);
+        r = bind(fd, (struct sockaddr *)(wider && !near ? &tsa : &sa), sizeof sa);
+        e = errno;
+        umask(old);
+    }
+    if (r == 0 && near) {
+        /* (elsewhere, a path too long for a private directory beside it:
+         * a mode change that refuses to follow a link) */
+        if (fchmodat(AT_FDCWD, path, want, AT_SYMLINK_NOFOLLOW) < 0) {
+            r = -1;
+            e = errno;
+            unlink(path);
+        }
+    } else if (r == 0 && wider) {
+        if (chmod(tsock, want) < 0 || rename(tsock, path) < 0) {
+            r = -1;
+            e = errno;
+            unlink(tsock);
+        }
+    }
+    if (tdir[0])
         rmdir(tdir);
     if (r < 0) {
         close(fd);

@@ -1365,23 +1365,26 @@ static void open_session(struct session *s)
                 manholes++;
                 pick = i;
             }
+        int rc = 0;
         if (manholes > 1) {
-            term_restore();
             fprintf(stderr,
                     "manhole-cli: process %ld (%s) has %zu manholes; choose one with --path:\n",
                     (long)pid, comm, manholes);
             for (size_t i = 0; i < n; i++)
                 if (is_manhole(&hs[i]))
                     fprintf(stderr, "  manhole-cli --path %s %ld\n", hs[i].path, (long)pid);
-            exit(EXIT_USAGE);
+            rc = EXIT_USAGE;
+        } else if (manholes == 0) {
+            snprintf(errmsg, sizeof errmsg,
+                     "process %ld (%s) listens on %zu UNIX sockets but none answered as a manhole",
+                     (long)pid, comm, n);
+            rc = EXIT_NOANSWER;
+        } else if (hs[pick].state != HS_OK) {
+            snprintf(errmsg, sizeof errmsg, "%s", hs[pick].msg);
+            rc = hs[pick].code;
+        } else {
+            take_hs(s, &hs[pick]);
         }
-        if (manholes == 0)
-            die(EXIT_NOANSWER,
-                "process %ld (%s) listens on %zu UNIX sockets but none answered as a manhole",
-                (long)pid, comm, n);
-        if (hs[pick].state != HS_OK)
-            die(hs[pick].code, "%s", hs[pick].msg);
-        take_hs(s, &hs[pick]);
         for (size_t i = 0; i < n; i++) {
             conn_free(&hs[i].c);
             buf_free(&hs[i].pre);
@@ -1389,6 +1392,10 @@ static void open_session(struct session *s)
         }
         free(hs);
         free(cs);
+        if (rc == EXIT_USAGE)
+            exit(rc);
+        if (rc)
+            die(rc, "%s", errmsg);
         return;
 #else
         die(EXIT_USAGE,
@@ -2104,35 +2111,40 @@ static void lq_clear(void)
     auto_close = 0;
 }
 
-/* Is the next non-blank line of the paste indented? 1 yes, 0 no, -1 none
- * known yet. Looks at the queue, then at what the terminal has sent. */
-static int next_indented(void)
+/* Does the next non-blank line of the paste continue the open block
+ * (indented, or else/elif/except/finally)? 1 yes, 0 no, -1 not known yet.
+ * Looks at the queue, then at the rest of the paste, then at what the
+ * terminal has sent. */
+static int continues_block(const char *line)
+{
+    if (line[0] == ' ' || line[0] == '\t')
+        return 1;
+    return starts_kw(line, "else") || starts_kw(line, "elif") || starts_kw(line, "except") ||
+           starts_kw(line, "finally");
+}
+
+static int next_continues(void)
 {
     for (size_t i = lq_head + 1; i < lq_len; i++)
         if (!blank(lq[i].text))
-            return lq[i].text[0] == ' ' || lq[i].text[0] == '\t';
-    const char *cs[2] = {carry, NULL};
+            return continues_block(lq[i].text);
     struct buf tmp = {0};
+    if (carry) {
+        buf_adds(&tmp, carry);
+        buf_addc(&tmp, '\n');
+    }
     buf_add(&tmp, buf_str(&ibuf), ibuf.len);
-    tmp.p[tmp.len] = '\0';
-    cs[1] = tmp.p;
     int r = -1;
-    for (int k = 0; k < 2 && r < 0; k++) {
-        const char *p = cs[k];
-        if (!p)
+    const char *p = buf_str(&tmp);
+    for (;;) { /* the first line with something on it */
+        size_t sp = strspn(p, " \t\f");
+        if (p[sp] == '\r' || p[sp] == '\n') {
+            p += sp + 1;
             continue;
-        /* skip blank lines */
-        for (;;) {
-            size_t sp = strspn(p, " \t\f");
-            if (p[sp] == '\r' || p[sp] == '\n') {
-                p += sp + 1;
-                continue;
-            }
-            if (p[sp]) {
-                r = sp > 0;
-            }
-            break;
         }
+        if (p[sp])
+            r = continues_block(p);
+        break;
     }
     buf_free(&tmp);
     return r;
@@ -2168,10 +2180,10 @@ static int lq_send_next(void)
     while (lq_head < lq_len) {
         struct qline *q = &lq[lq_head];
         if (pkind == 2 && !blk.triple && blank(q->text)) {
-            int ind = next_indented();
-            if (ind < 0 && tty_read_more(50) > 0)
-                ind = next_indented();
-            if (ind == 1) { /* a blank line inside a function body */
+            int more = next_continues();
+            if (more < 0 && tty_read_more(50) > 0)
+                more = next_continues();
+            if (more == 1) { /* a blank line inside a function body */
                 lq_drop_front();
                 continue;
             }
