@@ -426,6 +426,7 @@ struct client {
     unsigned char intr_pending; /* interrupt for the next statement, or
                                for the prompt if none starts */
     unsigned char out_nl;   /* output so far ends a line (or a prompt) */
+    unsigned char out_tail_e; /* out ends with an E record (it may grow) */
     unsigned char leaving;  /* exit()/quit(): close, report nothing */
     unsigned char has_session;
     unsigned char in_paused;/* input queue over max_input */
@@ -1074,7 +1075,7 @@ static int unix_listen(manhole *mh)
      * private directory beside it, given its mode there, and renamed into
      * place, which replaces a name and follows no link. */
     struct sockaddr_un tsa = sa;
-    char tdir[PATH_MAX] = "", tsock[PATH_MAX] = "";
+    char tdir[PATH_MAX] = "", tsock[PATH_MAX + 4] = "";
     int near = 0; /* bind at the path itself, set the mode without links */
     if (wider) {
         int k = snprintf(tdir, sizeof tdir, "%s/.manhole-XXXXXX", dir);
@@ -1853,6 +1854,7 @@ static int frame_bytes(client *c, const unsigned char *p, size_t n, buf *recs)
                     static const char tm[3] = {(char)TN_IAC, (char)TN_WILL, (char)TN_OPT_TM};
                     pthread_mutex_lock(&mh->lock);
                     buf_add(&c->out, tm, 3);
+                    c->out_tail_e = 0;
                     mark_dirty_locked(c);
                     pthread_mutex_unlock(&mh->lock);
                 }
@@ -2033,6 +2035,8 @@ static void client_output_ex(worker *w, client *c, const char *p, size_t n, int 
          * cap (process_job). */
         if (!thread && (!w || !w->running))
             room = n;
+        if (raw && room > 0)
+            room = n; /* a record is never split (nothing may come between) */
         if (room == 0) {
             if (thread)
                 thread_output_wait(c);
@@ -2043,6 +2047,7 @@ static void client_output_ex(worker *w, client *c, const char *p, size_t n, int 
         size_t k = MH_MIN(room, n);
         if ((c->ext && !raw ? buf_add_escaped(&c->out, p, k) : buf_add(&c->out, p, k)) < 0)
             break;
+        c->out_tail_e = raw && k == n && n > 3 && p[3] == 'E';
         p += k;
         n -= k;
         mark_dirty_locked(c);
@@ -2074,9 +2079,40 @@ static void client_record(worker *w, client *c, char type, const char *payload,
     buf_free(&b);
 }
 
-static void client_output_str(worker *w, client *c, const char *s)
+/* What goes to the client's stderr (tracebacks, reports, "manhole:"
+ * lines): for a rich client an E record, so it can tell it from output. */
+static void client_error(worker *w, client *c, const char *p, size_t n)
 {
-    client_output(w, c, s, strlen(s));
+    manhole *mh = c->mh;
+    if (n == 0)
+        return;
+    pthread_mutex_lock(&mh->lock);
+    int ext = c->ext;
+    if (ext) {
+        c->out_nl = p[n - 1] == '\n';
+        if (c->out_tail_e && buf_used(&c->out) >= 2 && !c->dead &&
+            buf_used(&c->out) + c->tx_backlog < mh->cfg.max_output) {
+            /* The buffer ends with an E record not yet taken by the host:
+             * it grows (a traceback is many small writes, one record). */
+            c->out.len -= 2;
+            buf_add_escaped(&c->out, p, n);
+            const char end[2] = {(char)TN_IAC, (char)TN_SE};
+            buf_add(&c->out, end, 2);
+            mark_dirty_locked(c);
+            pthread_mutex_unlock(&mh->lock);
+            return;
+        }
+    }
+    pthread_mutex_unlock(&mh->lock);
+    if (ext)
+        client_record(w, c, 'E', p, n);
+    else
+        client_output(w, c, p, n);
+}
+
+static void client_error_str(worker *w, client *c, const char *s)
+{
+    client_error(w, c, s, strlen(s));
 }
 
 /* A thread a statement started writes faster than its client reads: it
@@ -2790,7 +2826,11 @@ static PyObject *proxy_write(PyObject *self, PyObject *arg)
             n = PyBytes_GET_SIZE(tmp);
         }
     }
-    if (!completing())
+    if (completing())
+        ;
+    else if (p->kind == K_STDERR)
+        client_error(tl_worker, c, s, (size_t)n);
+    else
         client_output(tl_worker, c, s, (size_t)n);
     Py_XDECREF(tmp);
     if (have_view)
@@ -2901,7 +2941,7 @@ static PyObject *stdin_readline(worker *w, client *c, int binary)
                 c->inq.head += 5 + len;
                 input_drained_locked(c);
                 pthread_mutex_unlock(&mh->lock);
-                client_output(NULL, c, msg.p, msg.len);
+                client_error(NULL, c, msg.p, msg.len);
                 buf_free(&msg);
                 told = 0;
                 pthread_mutex_lock(&mh->lock);
@@ -4319,7 +4359,7 @@ static void timeout_report(worker *w, client *c)
              "%sTimeoutError: statement timed out after %g seconds; "
              "KeyboardInterrupt sent to it\n",
              nl ? "\n" : "", c->mh->cfg.timeout);
-    client_output(w, c, msg, strlen(msg));
+    client_error(w, c, msg, strlen(msg));
     c->raised = 1;
 }
 
@@ -4357,23 +4397,13 @@ static int exit_is_quitter(void)
     return quitter;
 }
 
-/* exit() or quit(): this client's session ends, as at end of input; the
- * host hears nothing of it. GIL held. */
-static void handle_leave(worker *w, client *c)
-{
-    manhole *mh = c->mh;
-    PyErr_Clear();
-    MH_UNUSED(w);
-    pthread_mutex_lock(&mh->lock);
-    c->exiting = 1;
-    c->leaving = 1;
-    buf_clear(&c->inq);
-    mark_dirty_locked(c);
-    pthread_mutex_unlock(&mh->lock);
-}
+static void handle_exit(worker *w, client *c, int leave);
 
-/* sys.exit() in a client: note the status, end the session. GIL held. */
-static void handle_exit(worker *w, client *c)
+/* SystemExit in a client: note the status, end the session. sys.exit(n)
+ * is reported to the host; exit() and quit() (leave) end this client's
+ * session only, as at end of input. A rich client learns the status
+ * either way (X record). GIL held. */
+static void handle_exit(worker *w, client *c, int leave)
 {
     manhole *mh = c->mh;
     PyObject *t, *v, *tb;
@@ -4395,8 +4425,11 @@ static void handle_exit(worker *w, client *c)
             PyObject *s = PyObject_Str(code);
             const char *txt = s ? PyUnicode_AsUTF8(s) : NULL;
             if (txt) {
-                client_output(w, c, txt, strlen(txt));
-                client_output(w, c, "\n", 1);
+                buf m = {0};
+                buf_add(&m, txt, strlen(txt));
+                buf_add(&m, "\n", 1);
+                client_error(w, c, m.p, m.len);
+                buf_free(&m);
             }
             PyErr_Clear();
             Py_XDECREF(s);
@@ -4414,11 +4447,13 @@ static void handle_exit(worker *w, client *c)
     }
     pthread_mutex_lock(&mh->lock);
     c->exiting = 1;
+    c->leaving = (unsigned char)leave;
     c->exit_status = status;
     buf_clear(&c->inq);
     mark_dirty_locked(c);
-    LOG_LOCKED(mh, MANHOLE_LOG_INFO, "client #%u called sys.exit(%d)", c->id,
-               status);
+    if (!leave)
+        LOG_LOCKED(mh, MANHOLE_LOG_INFO, "client #%u called sys.exit(%d)", c->id,
+                   status);
     pthread_mutex_unlock(&mh->lock);
 }
 
@@ -4595,10 +4630,7 @@ static int run_code(worker *w, client *c, PyObject *code, PyObject *src)
         return RUN_OK;
     }
     if (PyErr_ExceptionMatches(PyExc_SystemExit)) {
-        if (exit_is_quitter())
-            handle_leave(w, c);
-        else
-            handle_exit(w, c);
+        handle_exit(w, c, exit_is_quitter());
         return RUN_EXIT;
     }
 #if PY_VERSION_HEX >= 0x030D0000
@@ -4625,7 +4657,7 @@ static int session_line(worker *w, client *c, const char *line, size_t len,
 {
     if (!c->ns && session_open(c) < 0) {
         show_exception(0);
-        client_output_str(w, c, "manhole: cannot start a Python session\n");
+        client_error_str(w, c, "manhole: cannot start a Python session\n");
         if (prompt)
             write_prompt(w, c, 0);
         return RUN_OK;
@@ -4638,7 +4670,7 @@ static int session_line(worker *w, client *c, const char *line, size_t len,
                  mh->cfg.max_input);
         buf_free(&c->src);
         c->src_compile = 0;
-        client_output_str(w, c, msg);
+        client_error_str(w, c, msg);
         c->raised = 1;
         if (prompt)
             write_prompt(w, c, 0);
@@ -4669,7 +4701,7 @@ static int session_line(worker *w, client *c, const char *line, size_t len,
             Py_XDECREF(src);
             buf_free(&c->src);
             c->src_compile = 0;
-            client_output_str(w, c, msg);
+            client_error_str(w, c, msg);
             c->raised = 1;
             if (prompt)
                 write_prompt(w, c, 0);
@@ -4708,7 +4740,7 @@ static int session_script(worker *w, client *c, const char *data, size_t len)
     c->src_compile = 0;
     if (!c->ns && session_open(c) < 0) {
         show_exception(0);
-        client_output_str(w, c, "manhole: cannot start a Python session\n");
+        client_error_str(w, c, "manhole: cannot start a Python session\n");
         write_prompt(w, c, 0);
         return RUN_OK;
     }
@@ -4720,7 +4752,7 @@ static int session_script(worker *w, client *c, const char *data, size_t len)
     int rc = RUN_OK;
     if (!src || !fname) {
         PyErr_Clear();
-        client_output_str(w, c, "manhole: out of memory\n");
+        client_error_str(w, c, "manhole: out of memory\n");
         c->raised = 1;
     } else {
         memcpy(src, nl ? nl + 1 : data, sl);
@@ -4747,8 +4779,11 @@ static int session_record(worker *w, client *c, int kind, const char *data,
     if (kind == REC_ERROR) {
         buf_clear(&c->src); /* a damaged block is not worth finishing */
         c->src_compile = 0;
-        client_output(w, c, data, len);
-        client_output(w, c, "\n", 1);
+        buf m = {0};
+        buf_add(&m, data, len);
+        buf_add(&m, "\n", 1);
+        client_error(w, c, m.p, m.len);
+        buf_free(&m);
         c->raised = 1;
         write_prompt(w, c, 0);
         return RUN_OK;
@@ -4921,7 +4956,7 @@ again:
         pthread_mutex_unlock(&mh->lock);
         buf_clear(&c->src);
         c->src_compile = 0;
-        client_output_str(w, c, "\nKeyboardInterrupt\n");
+        client_error_str(w, c, "\nKeyboardInterrupt\n");
         write_prompt(w, c, 0);
         pthread_mutex_lock(&mh->lock);
         goto again; /* lines that came meanwhile found the client busy */
@@ -5244,6 +5279,7 @@ static void abandon_locked(worker *w, int interrupted)
             char id[32];
             int n = snprintf(id, sizeof id, "%lu 0", w->job->id);
             record_build(&c->out, 'C', id, (size_t)n);
+            c->out_tail_e = 0;
             mark_dirty_locked(c);
         }
         pthread_cond_broadcast(&mh->hc_cv);
@@ -5270,13 +5306,17 @@ static void abandon_locked(worker *w, int interrupted)
                          "%sTimeoutError: statement timed out after %g seconds; "
                          "KeyboardInterrupt sent to it\n",
                          c->out_nl ? "" : "\n", mh->cfg.timeout);
-        buf_add(&c->out, msg, (size_t)MH_MIN(n, (int)sizeof msg - 1));
+        if (c->ext)
+            record_build(&c->out, 'E', msg, (size_t)MH_MIN(n, (int)sizeof msg - 1));
+        else
+            buf_add(&c->out, msg, (size_t)MH_MIN(n, (int)sizeof msg - 1));
         if (c->ext) {
             record_build(&c->out, 'S', "1", 1);
             buf b = {0};
             buf_add(&b, "1", 1);
             buf_add(&b, mh->ps1, strlen(mh->ps1));
             record_build(&c->out, 'P', b.p, b.len);
+            c->out_tail_e = 0;
             buf_free(&b);
         } else {
             buf_add(&c->out, mh->ps1, strlen(mh->ps1));
@@ -5524,6 +5564,7 @@ static int client_flush(client *c)
             buf t = c->tx;
             c->tx = c->out;
             c->out = t;
+            c->out_tail_e = 0;
             c->tx_backlog = buf_used(&c->tx);
             if (c->out_waiters)
                 pthread_cond_broadcast(&c->cv);
@@ -5663,6 +5704,7 @@ static int completion_request(client *c, const char *p, size_t n)
         char r[32];
         int k = snprintf(r, sizeof r, "%lu 0", id);
         record_build(&c->out, 'C', r, (size_t)k);
+        c->out_tail_e = 0;
         mark_dirty_locked(c);
         pthread_mutex_unlock(&mh->lock);
         free(text);
