@@ -102,6 +102,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/types.h>
@@ -131,6 +132,7 @@
 #endif
 
 #if defined(MSG_NOSIGNAL) && !defined(MANHOLE_PORTABLE)
+#define MH_HAVE_MSG_NOSIGNAL 1 /* (glibc's MSG_NOSIGNAL is an enum: #if reads 0) */
 #define MH_SEND_FLAGS MSG_NOSIGNAL
 #else
 #define MH_SEND_FLAGS 0
@@ -380,6 +382,9 @@ struct client {
     int exit_status;        /* sys.exit() status */
     pthread_cond_t cv;      /* output space */
     worker *runner;         /* worker running this client's statement */
+    unsigned char sending;  /* a worker is sending output itself (direct_send) */
+    unsigned char recheck;  /* ... and the host wants to look once it is done */
+    unsigned char close_after; /* ... and must close fd, the host closed c */
 
     /* Python session: touched only with the GIL, by the one worker that
      * has the client busy (or by teardown). */
@@ -406,6 +411,9 @@ struct worker {
     unsigned char int_sent; /* KeyboardInterrupt was injected */
     unsigned char exited;
     buf rec;                /* the record being processed */
+    double hold_until;      /* output held back from the host until then (0: none) */
+    unsigned char woke_host;/* the host was asked to send during this job */
+    buf dout;               /* output being sent by direct_send() */
 };
 
 /* A C function call or binding write that must run on the host thread. */
@@ -478,7 +486,9 @@ struct manhole {
     int stopping;
     worker *workers;
     int nworkers;           /* not abandoned, not exited */
-    int nidle;              /* workers waiting for a job */
+    int nidle;              /* workers waiting for a job (spinning included) */
+    int nspin;              /* workers spinning for one (WARM_SPIN) */
+    unsigned jobs_seq;      /* bumped per job queued while one spins (atomic) */
     int njobs;              /* jobs queued */
     double last_pickup;     /* when a worker last took a job */
     double starve_since;    /* jobs waiting with no idle worker (0: no) */
@@ -989,7 +999,7 @@ static int peer_creds(int fd, long *pid, long *uid)
 static ssize_t xsend(int fd, const void *p, size_t n)
 {
     ssize_t r;
-#if MH_SEND_FLAGS != 0 || defined(SO_NOSIGPIPE)
+#if defined(MH_HAVE_MSG_NOSIGNAL) || defined(SO_NOSIGPIPE)
     do
         r = send(fd, p, n, MH_SEND_FLAGS);
     while (r < 0 && errno == EINTR);
@@ -1398,6 +1408,46 @@ static void client_unref_locked(client *c)
 
 static void output_wait(worker *w, client *c);
 
+/* How long a worker may hold output back from the host (seconds). A
+ * statement that ends sooner has its output, the next prompt included,
+ * sent by its worker (direct_send()), and the host is not woken; the
+ * watchdog hands the host whatever is held longer. */
+#define OUTPUT_HOLD 0.001
+
+/* New output for c is in c->out (lock held). In threaded mode the worker
+ * w holds it back (see OUTPUT_HOLD). Returns 1 when the watchdog must be
+ * woken to release it in time (signal wd_cv after unlocking). */
+static int output_added_locked(worker *w, client *c)
+{
+    manhole *mh = c->mh;
+    if (!w || w->is_host || !mh->wd_started || mh->wd_stop) {
+        mark_dirty_locked(c);
+        if (w)
+            w->woke_host = 1;
+        return 0;
+    }
+    if (w->hold_until > 0)
+        return 0;
+    w->hold_until = now_mono() + OUTPUT_HOLD;
+    if (mh->wd_wake_at == 0 || mh->wd_wake_at > w->hold_until) {
+        mh->wd_wake_at = w->hold_until;
+        return 1;
+    }
+    return 0;
+}
+
+/* Give the host the output w holds back for c, now: w is about to wait
+ * (for room, input, a host call), or the hold ran out. Lock held. */
+static void output_release_locked(worker *w, client *c)
+{
+    if (w && w->hold_until > 0) {
+        w->hold_until = 0;
+        w->woke_host = 1;
+        if (c && !c->dead)
+            mark_dirty_locked(c);
+    }
+}
+
 /* Append output for a client. w is the worker producing it (it may be
  * made to wait for room), or NULL for short texts that must never wait
  * (the watchdog's report). Lock NOT held on entry. */
@@ -1405,6 +1455,7 @@ static void client_output(worker *w, client *c, const char *p, size_t n)
 {
     manhole *mh = c->mh;
     size_t cap = mh->cfg.max_output;
+    int wake_wd = 0;
     pthread_mutex_lock(&mh->lock);
     while (n > 0) {
         if (c->dead || mh->stopping || (w && w->timed_out))
@@ -1426,9 +1477,11 @@ static void client_output(worker *w, client *c, const char *p, size_t n)
             break;
         p += k;
         n -= k;
-        mark_dirty_locked(c);
+        wake_wd |= output_added_locked(w, c);
     }
     pthread_mutex_unlock(&mh->lock);
+    if (wake_wd)
+        pthread_cond_signal(&mh->wd_cv);
 }
 
 static void client_output_str(worker *w, client *c, const char *s)
@@ -1448,6 +1501,7 @@ static void output_wait(worker *w, client *c)
     size_t cap = mh->cfg.max_output;
     PyThreadState *ts;
     if (!w->is_host) {
+        output_release_locked(w, c); /* the host is to make room */
         c->out_waiters++;
         pthread_mutex_unlock(&mh->lock);
         ts = PyEval_SaveThread();
@@ -1826,6 +1880,8 @@ static int hostcall_run(manhole *mh, hostcall *hc, int any_thread)
             mh->hc_head = hc;
         mh->hc_tail = hc;
         wake_host_locked(mh);
+        if (w)
+            output_release_locked(w, w->c);
         while (!hc->done) {
             if (!hc->started &&
                 ((w && (w->timed_out || w->want_int)) || mh->stopping)) {
@@ -2065,6 +2121,7 @@ static PyObject *stdin_readline(worker *w, client *c)
     buf line = {0};
     PyThreadState *ts = PyEval_SaveThread();
     pthread_mutex_lock(&mh->lock);
+    output_release_locked(w, c); /* an input() prompt, for one */
     for (;;) {
         if (c->dead || w->timed_out || w->want_int || mh->stopping || c->exiting)
             break;
@@ -2994,7 +3051,10 @@ static void enqueue_locked(client *c)
     mh->jq_tail = c;
     mh->njobs++;
     if (mh->cfg.threaded) {
-        pthread_cond_signal(&mh->work_cv);
+        if (mh->nspin) /* a spinning worker takes it: no futex call */
+            __atomic_store_n(&mh->jobs_seq, mh->jobs_seq + 1, __ATOMIC_RELEASE);
+        if (mh->njobs > mh->nspin)
+            pthread_cond_signal(&mh->work_cv);
         /* A signalled worker counts as idle until it runs, so compare the
          * queue with the idle workers rather than trust the signal. With
          * no worker at all, start one now. Otherwise more workers would
@@ -3044,15 +3104,31 @@ static int pop_record_locked(worker *w, client *c, int *kind)
     return 1;
 }
 
+/* May the worker that just ran c's job send c's output itself, rather
+ * than wake the host for it? Only if the host has nothing of c's to send
+ * or to do (so no byte can overtake another) and no other client waits
+ * for a worker (under load the host sends, batching, while the workers
+ * run statements). Lock held. */
+static int direct_ok_locked(worker *w, client *c)
+{
+    manhole *mh = c->mh;
+    return !w->is_host && !w->woke_host && buf_used(&c->out) > 0 && c->tx_backlog == 0 &&
+           !c->sending && !c->out_blocked && !c->eof_done && !c->exiting && !c->in_paused &&
+           !mh->jq_head && !mh->stopping;
+}
+
 /* Run a client's queued input: one statement at a time, handing the
  * client back to the queue when others are waiting. GIL held. The job's
- * reference to c is dropped here. */
-static void process_job(worker *w, client *c)
+ * reference to c is dropped here, unless c is returned: then its output
+ * is for the worker to send, with the GIL dropped (direct_send()), and
+ * the reference goes with it. */
+static client *process_job(worker *w, client *c)
 {
     manhole *mh = c->mh;
     pthread_mutex_lock(&mh->lock);
     c->runner = w;
     w->c = c;
+    w->woke_host = 0;
     int requeue = 0;
     while (!c->dead && !c->exiting && !mh->stopping) {
         int kind;
@@ -3083,7 +3159,7 @@ static void process_job(worker *w, client *c)
             }
             client_unref_locked(c);
             pthread_mutex_unlock(&mh->lock);
-            return;
+            return NULL;
         }
         if (mh->jq_head && buf_used(&c->inq) >= 5) {
             requeue = 1; /* let the others have a turn */
@@ -3096,20 +3172,90 @@ static void process_job(worker *w, client *c)
     if (c->exiting)
         buf_clear(&c->inq);
     if (requeue && !c->dead && !c->exiting && !mh->stopping) {
+        output_release_locked(w, c);
         c->refs--; /* the new queue entry takes its own */
         enqueue_locked(c);
         pthread_mutex_unlock(&mh->lock);
-        return;
+        return NULL;
     }
     c->busy = 0;
-    if (!c->dead)
-        mark_dirty_locked(c); /* let the host flush and look at it */
+    client *send = NULL;
+    if (!c->dead) {
+        if (direct_ok_locked(w, c))
+            send = c; /* the host is not woken */
+        else
+            mark_dirty_locked(c); /* let the host flush and look at it */
+    }
+    w->hold_until = 0;
     pthread_mutex_unlock(&mh->lock);
+    if (send)
+        return send;
     if (teardown)
         session_close(c);
     pthread_mutex_lock(&mh->lock);
     client_unref_locked(c);
     pthread_mutex_unlock(&mh->lock);
+    return NULL;
+}
+
+/* Send c's output from the worker that produced it, with neither the GIL
+ * nor the lock held: after a job that process_job() found fit for it.
+ * c->sending keeps the host off c's socket meanwhile (it neither sends
+ * nor closes it), and the bytes taken count against max_output as the
+ * host's would. Whatever the socket does not take now goes back in front
+ * of c->out, for the host to send in order. Drops the job's reference. */
+static int direct_send(worker *w, client *c)
+{
+    manhole *mh = c->mh;
+    pthread_mutex_lock(&mh->lock);
+    int fd = c->fd;
+    if (c->dead || fd < 0 || c->sending || c->tx_backlog > 0 || mh->stopping ||
+        buf_used(&c->out) == 0) { /* things moved on since the job ended */
+        if (!c->dead && buf_used(&c->out) > 0)
+            mark_dirty_locked(c);
+        client_unref_locked(c);
+        pthread_mutex_unlock(&mh->lock);
+        return 0;
+    }
+    buf t = w->dout;
+    w->dout = c->out;
+    c->out = t;
+    c->tx_backlog = buf_used(&w->dout);
+    c->sending = 1;
+    pthread_mutex_unlock(&mh->lock);
+    while (buf_used(&w->dout) > 0) {
+        ssize_t r = xsend(fd, w->dout.p + w->dout.head, buf_used(&w->dout));
+        if (r <= 0)
+            break; /* full: the host sends the rest; failed: the host finds out */
+        w->dout.head += (size_t)r;
+    }
+    int all = buf_used(&w->dout) == 0;
+    pthread_mutex_lock(&mh->lock);
+    c->sending = 0;
+    c->tx_backlog = 0;
+    if (c->close_after) { /* the host closed c meanwhile, and left us the fd */
+        c->close_after = 0;
+        close(fd);
+    }
+    if (buf_used(&w->dout) > 0 && !c->dead) {
+        /* The rest goes first, then what a next statement wrote since. */
+        if (buf_used(&c->out) == 0 ||
+            buf_add(&w->dout, c->out.p + c->out.head, buf_used(&c->out)) == 0) {
+            t = c->out;
+            c->out = w->dout;
+            w->dout = t;
+        }
+    }
+    buf_clear(&w->dout);
+    buf_shrink_if_empty(&w->dout);
+    if (!c->dead && (buf_used(&c->out) > 0 || c->recheck))
+        mark_dirty_locked(c);
+    c->recheck = 0;
+    if (c->out_waiters)
+        pthread_cond_broadcast(&c->cv);
+    client_unref_locked(c);
+    pthread_mutex_unlock(&mh->lock);
+    return all;
 }
 
 static void block_signals(void)
@@ -3145,6 +3291,31 @@ static void set_worker_priority(int how)
 #endif
 }
 
+/* How long a worker that just sent a client its answer itself spins for
+ * the next job before it sleeps (seconds). A client in lock-step sends its
+ * next line within a few microseconds of reading the answer; taking that
+ * job without sleeping spares the host's futex wake-up and the worker's
+ * return from sleep, the two costs a thread pool adds to a round trip.
+ * One worker at most spins, with neither the lock nor the GIL. */
+#define WARM_SPIN 25e-6
+
+static void cpu_relax(void)
+{
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ __volatile__("yield");
+#endif
+}
+
+/* Spin until a job is queued after `seq`, WARM_SPIN at most. */
+static void spin_for_job(manhole *mh, unsigned seq)
+{
+    double until = now_mono() + WARM_SPIN;
+    while (__atomic_load_n(&mh->jobs_seq, __ATOMIC_ACQUIRE) == seq && now_mono() < until)
+        cpu_relax();
+}
+
 static void *worker_main(void *arg)
 {
     worker *w = arg;
@@ -3155,11 +3326,25 @@ static void *worker_main(void *arg)
     w->py_tid = PyThread_get_thread_ident();
     PyThreadState *ts = PyEval_SaveThread();
     tl_worker = w;
+    int warm = 0; /* its last job's client may come back at once */
     pthread_mutex_lock(&mh->lock);
     for (;;) {
         if (mh->stopping)
             break;
         client *c = dequeue_locked(mh);
+        if (!c && warm && mh->nspin == 0) {
+            warm = 0;
+            mh->nidle++;
+            mh->nspin++;
+            unsigned seq = __atomic_load_n(&mh->jobs_seq, __ATOMIC_ACQUIRE);
+            pthread_mutex_unlock(&mh->lock);
+            spin_for_job(mh, seq);
+            pthread_mutex_lock(&mh->lock);
+            mh->nspin--;
+            mh->nidle--;
+            continue;
+        }
+        warm = 0;
         if (!c) {
             mh->nidle++;
             struct timespec until = cond_deadline(WORKER_IDLE_SECONDS);
@@ -3171,8 +3356,10 @@ static void *worker_main(void *arg)
         }
         pthread_mutex_unlock(&mh->lock);
         PyEval_RestoreThread(ts);
-        process_job(w, c);
+        client *send = process_job(w, c);
         ts = PyEval_SaveThread();
+        if (send)
+            warm = direct_send(w, send);
         pthread_mutex_lock(&mh->lock);
         if (w->timed_out) {
             /* We were abandoned and are back: rejoin the pool if there is
@@ -3248,6 +3435,7 @@ static void workers_reap(manhole *mh)
             *pp = w->next;
             pthread_join(w->thread, NULL);
             buf_free(&w->rec);
+            buf_free(&w->dout);
             free(w);
         } else {
             pp = &w->next;
@@ -3264,6 +3452,7 @@ static void abandon_locked(worker *w)
     manhole *mh = w->mh;
     client *c = w->c;
     w->timed_out = 1;
+    w->hold_until = 0; /* (what it holds is in c->out, sent below) */
     mh->nworkers--; /* a slot in the pool is free again */
     if (mh->njobs > mh->nidle && mh->starve_since == 0)
         mh->starve_since = now_mono();
@@ -3306,6 +3495,12 @@ static void *watchdog_main(void *arg)
         double now = now_mono(), next = 0;
         int pending = 0;
         for (worker *w = next_worker(mh, NULL); w; w = next_worker(mh, w)) {
+            if (w->hold_until > 0) { /* output held back too long: to the host */
+                if (now >= w->hold_until)
+                    output_release_locked(w, w->c);
+                else if (next == 0 || w->hold_until < next)
+                    next = w->hold_until;
+            }
             if (!w->running)
                 continue;
             if (w->deadline > 0 && !w->timed_out) {
@@ -3431,8 +3626,7 @@ static void client_close(client *c, const char *why)
     if (c->fd < 0)
         return;
     poller_del(mh, c->fd);
-    close(c->fd);
-    c->fd = -1;
+    int fd = c->fd;
     if (c->prev)
         c->prev->next = c->next;
     else
@@ -3445,6 +3639,11 @@ static void client_close(client *c, const char *why)
     buf_free(&c->tx);
     pthread_mutex_lock(&mh->lock);
     LOG_LOCKED(mh, MANHOLE_LOG_INFO, "client #%u closed (%s)", c->id, why);
+    c->fd = -1;
+    if (c->sending) /* a worker is sending on it: it closes it when done */
+        c->close_after = 1;
+    else
+        close(fd);
     c->dead = 1;
     buf_free(&c->inq);
     buf_free(&c->out);
@@ -3488,6 +3687,11 @@ static int client_flush(client *c)
         if (buf_used(&c->tx) == 0) {
             buf_clear(&c->tx);
             pthread_mutex_lock(&mh->lock);
+            if (c->sending) { /* a worker is sending c's output: after it */
+                c->recheck = 1;
+                pthread_mutex_unlock(&mh->lock);
+                return 0;
+            }
             buf t = c->tx;
             c->tx = c->out;
             c->out = t;
@@ -3522,8 +3726,10 @@ static void client_maybe_finish(client *c)
     if (c->fd < 0 || buf_used(&c->tx) > 0)
         return;
     pthread_mutex_lock(&mh->lock);
-    int idle = !c->busy && buf_used(&c->out) == 0;
+    int idle = !c->busy && !c->sending && buf_used(&c->out) == 0;
     int finish = idle && (c->exiting || (c->eof_done && buf_used(&c->inq) == 0));
+    if (c->sending)
+        c->recheck = 1; /* look again once the worker is done */
     int exiting = c->exiting;
     if (idle && !finish) { /* let go of big buffers while idle */
         buf_shrink_if_empty(&c->out);
@@ -3731,6 +3937,7 @@ static void on_accept(manhole *mh, int lfd, int transport)
         buf_add(&c->tx, mh->banner ? mh->banner : "", mh->banner_len);
         pthread_mutex_lock(&mh->lock);
         buf_add(&c->tx, mh->ps1, strlen(mh->ps1));
+        c->tx_backlog = buf_used(&c->tx); /* (no worker sends before it) */
         pthread_mutex_unlock(&mh->lock);
         client_send_host(c);
     }
@@ -3819,7 +4026,7 @@ static void host_run_jobs(manhole *mh)
         pthread_mutex_unlock(&mh->lock);
         if (!c)
             break;
-        process_job(w, c);
+        (void)process_job(w, c); /* (never a direct send: this is the host) */
     }
     tl_worker = saved;
     PyGILState_Release(g);
@@ -3837,7 +4044,7 @@ static int idle_check(manhole *mh)
         if (now - c->last_active < mh->cfg.idle_timeout)
             continue;
         pthread_mutex_lock(&mh->lock);
-        int idle = !c->busy && buf_used(&c->inq) == 0;
+        int idle = !c->busy && !c->sending && buf_used(&c->inq) == 0;
         pthread_mutex_unlock(&mh->lock);
         if (!idle) {
             c->last_active = now;
@@ -3955,7 +4162,7 @@ void manhole_config_init(manhole_config *cfg)
     cfg->tcp_port = -1;
     cfg->threaded = 1;
     cfg->timeout = 5.0;
-    cfg->max_clients = 64;
+    cfg->max_clients = 0; /* at open: from the descriptor limit */
     cfg->max_line = 1u << 20;
     cfg->max_input = 4u << 20;
     cfg->max_output = 1u << 20;
@@ -4098,6 +4305,26 @@ fail: {
 }
 }
 
+/* The default max_clients: the descriptors the process may open
+ * (RLIMIT_NOFILE, its soft limit, read at open) less a reserve for the
+ * host, a quarter of them and at least 64; half of them under 128. A
+ * client holds one descriptor (the manhole itself five at most), so the
+ * host keeps its reserve whatever the clients do. With the common soft
+ * limit of 1024 that is 768. Raising the soft limit is the host's call
+ * (setrlimit before manhole_open); fd-set hosts are still refused
+ * descriptors past FD_SETSIZE (on_accept). */
+static int default_max_clients(void)
+{
+    long lim = 1024;
+    struct rlimit rl;
+    if (getrlimit(RLIMIT_NOFILE, &rl) == 0)
+        lim = rl.rlim_cur == RLIM_INFINITY || rl.rlim_cur > (1 << 20) ? 1 << 20 : (long)rl.rlim_cur;
+    long n = lim - (lim / 4 > 64 ? lim / 4 : 64);
+    if (n < lim / 2)
+        n = lim / 2;
+    return n < 1 ? 1 : (int)n;
+}
+
 /* A handle with its configuration (defaults filled in), locks and
  * descriptors set to none: nothing opened yet. */
 static manhole *mh_new(const manhole_config *cfg_in)
@@ -4110,7 +4337,7 @@ static manhole *mh_new(const manhole_config *cfg_in)
     memcpy(c, cfg_in, MH_MIN(cfg_in->struct_size, sizeof *c));
     c->struct_size = sizeof *c;
     manhole_config_init(&def);
-    if (c->max_clients <= 0) c->max_clients = def.max_clients;
+    if (c->max_clients <= 0) c->max_clients = default_max_clients();
     if (c->max_line == 0) c->max_line = def.max_line;
     if (c->max_input == 0) c->max_input = def.max_input;
     if (c->max_input < c->max_line) c->max_input = c->max_line;
@@ -4232,9 +4459,10 @@ int manhole_open(manhole **out, const manhole_config *cfg_in, char *err,
     snprintf(where, sizeof where, "%s%s%s%s%s", mh->unix_path ? "unix:" : "",
              mh->unix_path ? mh->unix_path : "", mh->unix_path && mh->lfd_tcp >= 0 ? " " : "",
              mh->lfd_tcp >= 0 ? "tcp:" : "", mh->lfd_tcp >= 0 ? mh->tcp_host : "");
-    LOG(mh, MANHOLE_LOG_INFO, "manhole %s open (%s, %s, timeout %g s, %s namespace)",
+    LOG(mh, MANHOLE_LOG_INFO,
+        "manhole %s open (%s, %s, timeout %g s, %s namespace, at most %d clients)",
         MANHOLE_VERSION_STRING, where, c->threaded ? "threaded" : "non-threaded", c->timeout,
-        c->shared_namespace ? "shared" : "per-client");
+        c->shared_namespace ? "shared" : "per-client", c->max_clients);
     log_flush(mh);
     tl_host = mh;
     *out = mh;
@@ -4401,6 +4629,7 @@ void manhole_close(manhole *mh)
         next = w->next;
         pthread_join(w->thread, NULL);
         buf_free(&w->rec);
+        buf_free(&w->dout);
         free(w);
     }
     mh->workers = NULL;

@@ -190,6 +190,8 @@ int main(int argc, char **argv)
     cfg.timeout = argc > 3 ? atof(argv[3]) : 5;
     if (argc > 4 && !strcmp(argv[4], "idle"))
         cfg.worker_priority = MANHOLE_WORKERS_IDLE;
+    if (argc > 4 && !strcmp(argv[4], "normal"))
+        cfg.worker_priority = MANHOLE_WORKERS_NORMAL;
     cfg.max_clients = 4096;
     cfg.max_output = 4u << 20;
     manhole *mh;
