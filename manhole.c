@@ -13,10 +13,11 @@
  * Three kinds of thread touch a manhole:
  *
  *  - The host thread: whoever calls manhole_poll()/manhole_process(). It
- *    does all socket I/O (accept, recv, send), frames input into lines and
- *    hands them over. In threaded mode it never takes the GIL, so a client
- *    burning CPU in Python cannot slow the host's loop down; it only takes
- *    mh->lock for short, bounded critical sections.
+ *    does the socket I/O (accept, recv, send: all of it but the workers'
+ *    one case below), frames input into lines and hands them over. In
+ *    threaded mode it never takes the GIL, so a client burning CPU in
+ *    Python cannot slow the host's loop down; it only takes mh->lock for
+ *    short, bounded critical sections.
  *  - Worker threads (threaded mode): a small pool, shrunk when idle. There
  *    is no thread per client: a client's lines are a job in a FIFO; a
  *    worker takes the GIL, runs the client's next statement and appends
@@ -28,18 +29,34 @@
  *    abandoned: the worker stays stuck with it (and leaves the pool), the
  *    client moves on with another worker. In non-threaded mode the host
  *    thread itself plays the worker, inside manhole_poll().
+ *    A worker whose job ends with the client's output still held back (see
+ *    below), none of that client's bytes with the host and no other job
+ *    queued, sends the output itself, with neither the GIL nor the lock
+ *    (direct_send(): one non-blocking send; what the socket does not take
+ *    goes back to the host), and the host is not woken: a round trip pays
+ *    one hand-off between threads, not two. It then spins for WARM_SPIN
+ *    (25 us, one worker at most) before it sleeps: a client in lock-step
+ *    has its next line queued by then, and the host's wake-up of a
+ *    sleeping worker is saved too. Under load (jobs queued) the host sends,
+ *    many clients per wake-up, and the workers only run statements.
  *  - The watchdog (created with the first worker, or when a timeout is
  *    set): sleeps until the earliest statement deadline, writes the
  *    TimeoutError report for an expired statement, and interrupts it with
  *    PyThreadState_SetAsyncExc(KeyboardInterrupt). It is also how a client
  *    that hung up gets its statement interrupted. It takes the GIL only to
- *    deliver the interrupt, never while holding mh->lock.
+ *    deliver the interrupt, never while holding mh->lock. And it hands the
+ *    host output that a worker has held back for OUTPUT_HOLD.
  *
  * Lock order: the GIL may be held when taking mh->lock, never the other
  * way round; nobody waits on a condition variable while holding the GIL.
  * Workers wake the host through one descriptor (an eventfd, or a pipe),
- * written only when the host is not already due to look, so output
- * streaming costs one write per burst, not per print().
+ * written only when the host is not already due to look. Output is not
+ * announced as it is written: a worker holds it back until its job ends
+ * (then sends it itself or wakes the host once), until it is about to
+ * wait (for room, input, a host call), or for OUTPUT_HOLD (1 ms) at most,
+ * which the watchdog enforces. So a short statement wakes nobody, and
+ * streaming output costs about a wake-up per millisecond (or per
+ * max_output bytes), not per print().
  *
  * Output
  * ------
@@ -50,7 +67,10 @@
  * the REPL) it goes to the original stream. So many clients run at once and
  * each sees exactly its own output, while the host's output is never
  * captured. A client that stops reading makes its own statement wait once
- * max_output bytes are pending; nobody else notices.
+ * max_output bytes are pending; nobody else notices. A client's bytes
+ * leave in order whoever sends them: a worker sends only while the host
+ * has none of them, and while it does (c->sending) the host neither sends
+ * on that socket nor closes it.
  *
  * Compiling
  * ---------
@@ -3297,7 +3317,9 @@ static void set_worker_priority(int how)
  * job without sleeping spares the host's futex wake-up and the worker's
  * return from sleep, the two costs a thread pool adds to a round trip.
  * One worker at most spins, with neither the lock nor the GIL. */
+#ifndef WARM_SPIN
 #define WARM_SPIN 25e-6
+#endif
 
 static void cpu_relax(void)
 {
@@ -3332,7 +3354,7 @@ static void *worker_main(void *arg)
         if (mh->stopping)
             break;
         client *c = dequeue_locked(mh);
-        if (!c && warm && mh->nspin == 0) {
+        if (!c && warm && mh->nspin == 0 && WARM_SPIN > 0) {
             warm = 0;
             mh->nidle++;
             mh->nspin++;
