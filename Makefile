@@ -114,7 +114,7 @@ examples-bins: $(EXAMPLES)
 # written anew every time: it records PREFIX, which may differ per call.
 $(B)/manhole.pc: FORCE
 	@mkdir -p $(B)
-	@printf '%s\n' 'prefix=$(PREFIX)' 'includedir=$(INCLUDEDIR)' 'libdir=$(LIBDIR)' '' \
+	@printf '%s\n' '# License: BSD-2-Clause (see LICENSE)' 'prefix=$(PREFIX)' 'includedir=$(INCLUDEDIR)' 'libdir=$(LIBDIR)' '' \
 	  'Name: manhole' \
 	  'Description: A Python REPL inside a running C program' \
 	  'Version: $(VERSION)' \

@@ -4,9 +4,10 @@
  * What it is
  * ----------
  * The host opens a manhole and keeps calling it from its own event loop.
- * Clients connect to a UNIX socket (or loopback TCP) with nc or socat and get
- * the prompt of an embedded CPython, with the same prompts, reprs,
- * tracebacks and syntax errors as `python3 -i`.
+ * Clients connect to a UNIX socket (or loopback TCP, after sending a secret)
+ * with manhole-cli, nc or socat and get the prompt of an embedded CPython,
+ * with the same prompts, reprs, tracebacks and syntax errors as
+ * `python3 -i`.
  *
  * Threads
  * -------
@@ -43,9 +44,27 @@
  *    set): sleeps until the earliest statement deadline, writes the
  *    TimeoutError report for an expired statement, and interrupts it with
  *    PyThreadState_SetAsyncExc(KeyboardInterrupt). It is also how a client
- *    that hung up gets its statement interrupted. It takes the GIL only to
- *    deliver the interrupt, never while holding mh->lock. And it hands the
- *    host output that a worker has held back for OUTPUT_HOLD.
+ *    that hung up, or asked for an interrupt (telnet IP/BRK, or the
+ *    extended channel), gets its statement interrupted; an interrupted
+ *    statement that has not stopped after INTERRUPT_GRACE is abandoned like
+ *    a timed-out one. A statement waiting in input() is not counting
+ *    against its deadline and raises the client's interrupt itself. The
+ *    watchdog takes the GIL only to deliver an interrupt, never while
+ *    holding mh->lock. And it hands the host output that a worker has held
+ *    back for OUTPUT_HOLD.
+ *
+ * Completion requests are a second queue (mh->cq) that any worker takes
+ * before client jobs: a client's completion is answered while its own
+ * statement runs on another worker. A completion has the statement
+ * timeout; its output is dropped.
+ *
+ * Signals: workers block every signal (the host's signals stay with the
+ * host), but a statement runs with the host thread's mask, so processes
+ * and threads it starts get a normal one. A fork() from a statement (or
+ * from a thread one started) gives a child whose handlers are reset to the
+ * defaults and which closes every manhole's sockets (a pthread_atfork
+ * handler; the registry lists open manholes); when its statement returns
+ * into the library it exits.
  *
  * Lock order: the GIL may be held when taking mh->lock, never the other
  * way round; nobody waits on a condition variable while holding the GIL.
@@ -60,17 +79,23 @@
  *
  * Output
  * ------
- * sys.stdout, sys.stderr, sys.stdin and sys.displayhook are replaced once
- * per process by small C proxies that look at a thread-local pointer: on a
- * thread that runs a manhole statement, output goes to that client's
- * buffer; on any other thread (the host's own Python, threads started from
- * the REPL) it goes to the original stream. So many clients run at once and
- * each sees exactly its own output, while the host's output is never
- * captured. A client that stops reading makes its own statement wait once
- * max_output bytes are pending; nobody else notices. A client's bytes
- * leave in order whoever sends them: a worker sends only while the host
- * has none of them, and while it does (c->sending) the host neither sends
- * on that socket nor closes it.
+ * sys.stdout, sys.stderr, sys.stdin, their sys.__stdout__ & co., and
+ * sys.displayhook are replaced once per process by small C proxies that
+ * look at thread-local pointers: on a thread that runs a manhole statement,
+ * or one such a statement started (its function is wrapped when
+ * _thread starts it), output goes to that client's buffer; on any other
+ * thread (the host's own) it goes to the original stream. So many clients
+ * run at once and each sees exactly its own output, while the host's output
+ * is never captured. On a manhole thread a proxy is a complete stream of
+ * its client (buffer, iteration, readlines) and never reaches the
+ * process's real one. The sys module gets a ModuleType subclass whose
+ * stdout/stderr/stdin/displayhook properties make an assignment on a
+ * manhole thread that session's own: the dict, which print() and the
+ * interpreter read, keeps the proxies. A client that stops reading makes
+ * its own statement (or thread) wait once max_output bytes are pending;
+ * nobody else notices. A client's bytes leave in order whoever sends
+ * them: a worker sends only while the host has none of them, and while it
+ * does (c->sending) the host neither sends on that socket nor closes it.
  *
  * Compiling
  * ---------
@@ -92,12 +117,21 @@
  * Plain UTF-8 text, no negotiation. The server sends the banner (if any)
  * and the prompt (sys.ps1, default ">>> "; sys.ps2, default "... " while a
  * block is open), then output and a new prompt per input line. Lines end in
- * LF, CRLF, or a lone CR; telnet IAC sequences are dropped. A line that is
- * too long, holds a NUL byte or is not UTF-8 is discarded with a one-line
+ * LF, CRLF, or a lone CR. Telnet commands are parsed: IP and BRK interrupt,
+ * the rest is dropped, a subnegotiation is bounded. A line that is too
+ * long, holds a NUL byte or is not UTF-8 is discarded with a one-line
  * "manhole: ..." message. When the client shuts down its sending side,
  * every line already sent is run, a block still open is closed as by an
  * empty line, the output is delivered and the server closes. A TCP client
- * whose first line looks like HTTP is dropped before anything runs.
+ * must send the secret as its first line (unless tcp_insecure); one whose
+ * first bytes look like HTTP is dropped before anything runs.
+ *
+ * A client that asks for it (telnet subnegotiation of the private option
+ * 77, "hello") gets the extended channel: prompts, statement status and
+ * input waits as records, completion, scripts, interrupts; output bytes
+ * 0xFF are doubled. Records are framed where the output is produced
+ * (workers append to the client's buffer), so the host only moves bytes.
+ * README, Protocol, is the specification.
  *
  * Sections: platform, utilities, data, sockets, poller, framing, output,
  * Python glue, workers and watchdog, the host side, public API.
@@ -354,8 +388,20 @@ typedef struct hostcall hostcall;
 
 enum { T_UNIX = 1, T_TCP = 2 };
 
-/* Records in a client's input queue: [kind][u32 length][bytes]. */
-enum { REC_LINE = 1, REC_ERROR = 2, REC_EOF = 3 };
+/* Records in a client's input queue: [kind][u32 length][bytes]. HELLO
+ * turns on the extended channel; SCRIPT is "filename\nsource" to run as
+ * `python -c` would. */
+enum { REC_LINE = 1, REC_ERROR = 2, REC_EOF = 3, REC_HELLO = 4, REC_SCRIPT = 5 };
+
+/* Telnet bytes, and the private subnegotiation option of the extended
+ * channel (README, Protocol). */
+enum {
+    TN_SE = 240, TN_BRK = 243, TN_IP = 244, TN_SB = 250, TN_WILL = 251, TN_DO = 253,
+    TN_IAC = 255, TN_OPT_TM = 6, TN_OPT_MANHOLE = 77
+};
+#define SB_MAX_OTHER 512 /* bytes of a subnegotiation we do not speak */
+#define INTERRUPT_GRACE 1.0 /* seconds an interrupted statement has to stop
+                               before it is abandoned like a timed-out one */
 
 /* Tags for poller registrations that are not clients. */
 #define TAG_LISTEN_UNIX ((void *)1)
@@ -380,7 +426,11 @@ struct client {
     unsigned char discard;  /* dropping the rest of an over-long line */
     unsigned char after_cr; /* swallow an LF/NUL right after a CR */
     unsigned char iac;      /* telnet command parser state */
+    unsigned char sb_opt;   /* option of the subnegotiation being read */
+    unsigned char iac_cmd;  /* the telnet command being read */
     unsigned char got_line; /* first line seen (HTTP check) */
+    unsigned char auth;     /* TCP: waiting for the secret line */
+    buf sb;                 /* subnegotiation payload being read */
     unsigned char rd_eof;   /* the client shut down its sending side */
     unsigned char rd_paused;/* input queue full: not reading */
     double last_active;
@@ -393,11 +443,17 @@ struct client {
     client *dnext;          /* dirty list (host has something to do) */
     client *gnext;          /* closed this turn, host reference pending */
     unsigned char dirty, busy, dead, eof_done, exiting;
+    unsigned char ext;      /* extended channel on (hello seen) */
+    unsigned char intr_pending; /* interrupt for the next statement, or
+                               for the prompt if none starts */
+    unsigned char out_nl;   /* output so far ends a line (or a prompt) */
+    unsigned char leaving;  /* exit()/quit(): close, report nothing */
     unsigned char has_session;
     unsigned char in_paused;/* input queue over max_input */
     unsigned char out_blocked; /* output over max_output: no more input
                                taken until the client reads */
     int out_waiters, in_waiters;
+    int ncomp;              /* completion requests queued or running */
     size_t tx_backlog;      /* size of tx when the host last took output */
     int exit_status;        /* sys.exit() status */
     pthread_cond_t cv;      /* output space */
@@ -413,7 +469,20 @@ struct client {
     int cc_flags;           /* its compile flags (codeop's + __future__) */
     buf src;                /* lines of the block being entered */
     double src_compile;     /* seconds spent compiling it while incomplete */
+    int raised;             /* the last statement raised (S record) */
+    PyObject *over[4];      /* the session's own sys.stdout, sys.stderr,
+                               sys.stdin, sys.displayhook (SYS_*), if it
+                               assigned them */
+    PyObject *last_exc[3];  /* its sys.last_type/value/traceback */
 };
+
+/* A completion request, answered by any worker (README, Protocol). */
+typedef struct cjob {
+    struct cjob *next;
+    client *c;              /* holds a reference */
+    unsigned long id;
+    char *text;             /* UTF-8, the line before the cursor */
+} cjob;
 
 struct worker {
     manhole *mh;
@@ -429,7 +498,13 @@ struct worker {
     unsigned char timed_out;/* abandoned at the deadline */
     unsigned char want_int; /* interrupt requested (client gone, close) */
     unsigned char int_sent; /* KeyboardInterrupt was injected */
+    unsigned char user_int; /* ... asked for by the client */
+    unsigned char waiting;  /* blocked reading the client's input */
+    unsigned char completing; /* running a completion, not a statement */
     unsigned char exited;
+    double int_deadline;    /* a user interrupt not obeyed by then:
+                               abandon the statement (0: none) */
+    cjob *job;              /* the completion being run */
     buf rec;                /* the record being processed */
     double hold_until;      /* output held back from the host until then (0: none) */
     unsigned char woke_host;/* the host was asked to send during this job */
@@ -460,9 +535,11 @@ struct hostcall {
 enum { HC_CALL = 1, HC_STORE = 2 };
 
 #define LOGQ_MAX 256
+#define LOG_REPEAT_WINDOW 2.0 /* seconds */
 
 struct manhole {
     manhole_config cfg;     /* strings below are our own copies */
+    int nbound;             /* threads bound to a client (TargetObject) */
     char *unix_path;
     char *tcp_host;
     char *banner;
@@ -471,6 +548,20 @@ struct manhole {
     int tcp_port;
     int wake_r, wake_w;     /* the same descriptor with eventfd */
     unsigned fork_gen;
+    manhole *reg_next;      /* all open manholes (closed in a fork child) */
+
+    /* TCP authentication. */
+    char secret[130];       /* "" with tcp_insecure */
+    size_t secret_len;
+    char *secret_path;      /* the file we wrote, removed at close */
+
+    /* Running out of descriptors: a spare one to accept-and-refuse with,
+     * and a pause of the listeners. */
+    int reserve_fd;
+    int listen_paused;
+    double listen_resume_at;
+    sigset_t host_sigmask;  /* the host thread's signal mask at open:
+                               statements run with it */
 
     /* Poller. */
 #ifdef MH_HAVE_EPOLL
@@ -498,6 +589,7 @@ struct manhole {
     pthread_cond_t gone_cv; /* close: a worker exited */
     pthread_cond_t hc_cv;   /* hostcall done */
     client *jq_head, *jq_tail;
+    cjob *cq_head, *cq_tail; /* completion requests */
     client *dirty;
     client *graveyard;      /* closed clients, released at the turn's end */
     hostcall *hc_head, *hc_tail;
@@ -522,6 +614,9 @@ struct manhole {
     char ps1[64], ps2[64];  /* prompts as last computed, for the watchdog */
     char *logq[LOGQ_MAX];
     int logq_head, logq_len, logq_dropped;
+    char log_last[160];     /* the last line queued, and how often it came */
+    int log_repeats;        /* again since (suppressed) */
+    double log_last_at;
     int exits_pending;      /* clients that called sys.exit, not closed */
 
     /* Python. */
@@ -533,21 +628,136 @@ struct manhole {
     PyObject *compiler_cls; /* codeop.CommandCompiler */
     PyObject *filename;     /* "<stdin>" */
     PyObject *single;       /* "single" */
+    PyObject *complete_fn;  /* (namespace, text) -> (n, candidates) */
     unsigned long host_py_tid; /* Python's id for the thread that opened */
 
     char errmsg[512];
 };
 
 static _Thread_local worker *tl_worker;
+/* On a thread started by a client's statement: that client (with a
+ * reference), so the thread's output reaches it while it is connected. */
+static _Thread_local client *tl_bound;
 /* The manhole this thread drives as its host thread (set on every entry to
  * manhole_open/poll/process), so host-only work can tell where it is. */
 static _Thread_local manhole *tl_host;
 
-/* Fork detection: a generation counter bumped in the child. */
+/* Every open manhole, so that a child after fork() can let go of their
+ * descriptors. */
+static pthread_mutex_t registry_lock = PTHREAD_MUTEX_INITIALIZER;
+static manhole *registry;
+
+static void registry_add(manhole *mh)
+{
+    pthread_mutex_lock(&registry_lock);
+    mh->reg_next = registry;
+    registry = mh;
+    pthread_mutex_unlock(&registry_lock);
+}
+
+static void registry_remove(manhole *mh)
+{
+    pthread_mutex_lock(&registry_lock);
+    for (manhole **pp = &registry; *pp; pp = &(*pp)->reg_next)
+        if (*pp == mh) {
+            *pp = mh->reg_next;
+            break;
+        }
+    pthread_mutex_unlock(&registry_lock);
+}
+
+/* Fork detection: a generation counter bumped in the child. Around a
+ * fork every manhole's lock is held, so the child gets consistent
+ * copies (and unlocked locks). */
 static unsigned fork_generation;
 static pthread_once_t fork_once = PTHREAD_ONCE_INIT;
-static void on_fork_child(void) { fork_generation++; }
-static void fork_init(void) { pthread_atfork(NULL, NULL, on_fork_child); }
+
+static _Thread_local sigset_t fork_saved_mask;
+
+static int fork_from_statement(void)
+{
+    return (tl_worker && !tl_worker->is_host) || tl_bound;
+}
+
+static void on_fork_prepare(void)
+{
+    if (fork_from_statement()) {
+        /* No signal may reach the child before its handlers are reset
+         * (on_fork_child): it would run the host's. */
+        sigset_t all;
+        sigfillset(&all);
+        pthread_sigmask(SIG_BLOCK, &all, &fork_saved_mask);
+    }
+    pthread_mutex_lock(&registry_lock);
+    for (manhole *mh = registry; mh; mh = mh->reg_next)
+        pthread_mutex_lock(&mh->lock);
+}
+
+static void on_fork_parent(void)
+{
+    for (manhole *mh = registry; mh; mh = mh->reg_next)
+        pthread_mutex_unlock(&mh->lock);
+    pthread_mutex_unlock(&registry_lock);
+    if (fork_from_statement())
+        pthread_sigmask(SIG_SETMASK, &fork_saved_mask, NULL);
+}
+
+static void close_set(int *fd)
+{
+    if (*fd >= 0)
+        close(*fd);
+    *fd = -1;
+}
+
+/* In the child: the manholes are the parent's. Their listening and
+ * client sockets are closed here (the parent's socket must not stay
+ * "live" in a child, nor a client miss its end of file), and the handles
+ * go inert (MANHOLE_EFORKED). A child forked from a statement (or from a
+ * thread one started) is a program of the client's: it gets the signal
+ * mask a program would have, and the host's signal handlers (which would
+ * act on the parent's behalf: write its pipes, stop its loop) are reset
+ * to the defaults, as exec would; ignored signals stay ignored. */
+static void on_fork_child(void)
+{
+    fork_generation++;
+    if (fork_from_statement()) {
+        for (int sig = 1; sig < NSIG; sig++) {
+            struct sigaction sa;
+            if (sig == SIGKILL || sig == SIGSTOP || sigaction(sig, NULL, &sa) < 0)
+                continue;
+            if (!(sa.sa_flags & SA_SIGINFO) &&
+                (sa.sa_handler == SIG_DFL || sa.sa_handler == SIG_IGN))
+                continue;
+            sa.sa_handler = SIG_DFL;
+            sa.sa_flags = 0;
+            sigemptyset(&sa.sa_mask);
+            sigaction(sig, &sa, NULL);
+        }
+        manhole *own = tl_worker ? tl_worker->mh : tl_bound->mh;
+        pthread_sigmask(SIG_SETMASK, &own->host_sigmask, NULL);
+    }
+    for (manhole *mh = registry; mh; mh = mh->reg_next) {
+        close_set(&mh->lfd_unix);
+        close_set(&mh->lfd_tcp);
+        close_set(&mh->reserve_fd);
+        if (mh->wake_w != mh->wake_r)
+            close_set(&mh->wake_w);
+        close_set(&mh->wake_r);
+        mh->wake_w = -1;
+#ifdef MH_HAVE_EPOLL
+        close_set(&mh->epfd);
+#endif
+        for (client *c = mh->clients; c; c = c->next)
+            close_set(&c->fd);
+        pthread_mutex_unlock(&mh->lock);
+    }
+    pthread_mutex_unlock(&registry_lock);
+}
+
+static void fork_init(void)
+{
+    pthread_atfork(on_fork_prepare, on_fork_parent, on_fork_child);
+}
 
 static int mh_forked(const manhole *mh)
 {
@@ -583,13 +793,37 @@ static void logq_push(manhole *mh, int locked, int level, const char *fmt, ...)
     va_start(ap, fmt);
     vsnprintf(tmp, sizeof tmp, fmt, ap);
     va_end(ap);
+    if (!locked)
+        pthread_mutex_lock(&mh->lock);
+    /* The same line again within LOG_REPEAT_WINDOW is counted, not
+     * queued: a storm (a descriptor limit hit on every accept, ...) gives
+     * one line and a count, not millions. */
+    double now = now_mono();
+    if (strncmp(tmp, mh->log_last, sizeof mh->log_last - 1) == 0 &&
+        now - mh->log_last_at < LOG_REPEAT_WINDOW) {
+        mh->log_repeats++;
+        if (!locked)
+            pthread_mutex_unlock(&mh->lock);
+        return;
+    }
+    if (mh->log_repeats > 0 && mh->logq_len < LOGQ_MAX) {
+        char note[64];
+        snprintf(note, sizeof note, "%clast message repeated %d more times",
+                 '0' + MANHOLE_LOG_WARNING, mh->log_repeats);
+        char *r = mh_strdup(note);
+        if (r)
+            mh->logq[(mh->logq_head + mh->logq_len++) % LOGQ_MAX] = r;
+    }
+    mh->log_repeats = 0;
+    mh->log_last_at = now;
+    size_t ll = MH_MIN(strlen(tmp), sizeof mh->log_last - 1);
+    memcpy(mh->log_last, tmp, ll);
+    mh->log_last[ll] = 0;
     char *s = malloc(strlen(tmp) + 2);
     if (s) {
         s[0] = (char)('0' + level);
         strcpy(s + 1, tmp);
     }
-    if (!locked)
-        pthread_mutex_lock(&mh->lock);
     if (!s || mh->logq_len == LOGQ_MAX) {
         mh->logq_dropped++;
         free(s);
@@ -831,18 +1065,70 @@ static int unix_listen(manhole *mh)
         return set_err(mh, MANHOLE_ESYS, "%s: %s", path, strerror(errno));
     }
 
+    /* The directory: others who may write there could swap names in
+     * it (README, Security). */
+    char dir[sizeof sa.sun_path];
+    const char *slash = strrchr(path, '/');
+    if (!slash)
+        snprintf(dir, sizeof dir, ".");
+    else if (slash == path)
+        snprintf(dir, sizeof dir, "/");
+    else
+        snprintf(dir, sizeof dir, "%.*s", (int)(slash - path), path);
+    struct stat dst;
+    if (stat(dir, &dst) == 0 && (dst.st_mode & (S_IWGRP | S_IWOTH)) &&
+        !(dst.st_mode & S_ISVTX))
+        LOG(mh, MANHOLE_LOG_WARNING,
+            "%s: the directory %s is writable by others and not sticky: another "
+            "user can replace the socket; use a private directory",
+            path, dir);
+
     int fd = new_socket(AF_UNIX);
     if (fd < 0)
         return set_err(mh, MANHOLE_ESYS, "%s: socket: %s", path,
                        strerror(errno));
+    mode_t want = mh->cfg.unix_mode & 0777;
 #ifdef __linux__
-    /* Linux creates the file with the socket inode's mode: race-free. */
-    (void)fchmod(fd, mh->cfg.unix_mode & 0777);
+    /* Linux creates the file with the socket inode's mode (less the
+     * umask): a mode up to 0600 needs nothing more. */
+    (void)fchmod(fd, want);
+    int wider = (want & ~(mode_t)0600) != 0;
+#else
+    int wider = want != 0600;
 #endif
+    /* A wider mode is never set on the final path (a name another user
+     * could have swapped for a link by then): the socket is bound in a
+     * private directory beside it, given its mode there, and renamed into
+     * place, which replaces a name and follows no link. */
+    struct sockaddr_un tsa = sa;
+    char tdir[sizeof sa.sun_path] = "";
+    if (wider) {
+        int k = snprintf(tdir, sizeof tdir, "%s/.manhole-XXXXXX", dir);
+        if (k < 0 || (size_t)k + 3 > sizeof tsa.sun_path || !mkdtemp(tdir)) {
+            int e = k < 0 || (size_t)k + 3 > sizeof tsa.sun_path ? ENAMETOOLONG : errno;
+            close(fd);
+            return set_err(mh, MANHOLE_ESYS,
+                           "%s: cannot make a private directory beside it to set "
+                           "mode %03o safely: %s",
+                           path, (unsigned)want, strerror(e));
+        }
+        size_t tl = strlen(tdir); /* fits: checked above */
+        memcpy(tsa.sun_path, tdir, tl);
+        memcpy(tsa.sun_path + tl, "/s", 3);
+    }
     mode_t old = umask(0177);
-    int r = bind(fd, (struct sockaddr *)&sa, sizeof sa);
+    int r = bind(fd, (struct sockaddr *)&tsa, sizeof tsa);
     int e = errno;
     umask(old);
+    if (r == 0 && wider) {
+        if (chmod(tsa.sun_path, want) < 0 || rename(tsa.sun_path, path) < 0) {
+            r = -1;
+            e = errno;
+            unlink(tsa.sun_path);
+        }
+    }
+    if (wider)
+        rmdir(tdir);
     if (r < 0) {
         close(fd);
         if (e == EADDRINUSE)
@@ -851,8 +1137,7 @@ static int unix_listen(manhole *mh)
         return set_err(mh, MANHOLE_ESYS, "%s: cannot bind: %s", path,
                        strerror(e));
     }
-    if (chmod(path, mh->cfg.unix_mode & 07777) < 0 ||
-        listen(fd, 128) < 0) {
+    if (listen(fd, 128) < 0) {
         e = errno;
         close(fd);
         unlink(path);
@@ -957,6 +1242,127 @@ static int tcp_listen(manhole *mh)
                                           host);
     mh->lfd_tcp = fd;
     return MANHOLE_OK;
+}
+
+/* ---- The TCP secret --------------------------------------------------- */
+
+/* A directory only we may use: created 0700 if missing; refused if it is
+ * a link, someone else's, or open to others. */
+static int private_dir(manhole *mh, const char *dir)
+{
+    if (mkdir(dir, 0700) < 0 && errno != EEXIST)
+        return set_err(mh, MANHOLE_ESYS, "%s: cannot create: %s", dir, strerror(errno));
+    struct stat st;
+    if (lstat(dir, &st) < 0)
+        return set_err(mh, MANHOLE_ESYS, "%s: %s", dir, strerror(errno));
+    if (!S_ISDIR(st.st_mode) || st.st_uid != geteuid() || (st.st_mode & 077))
+        return set_err(mh, MANHOLE_EEXIST,
+                       "%s: not a private directory of uid %ld (it is %s, owner "
+                       "%ld, mode %03o); refusing to put the TCP secret there",
+                       dir, (long)geteuid(), file_kind(st.st_mode), (long)st.st_uid,
+                       (unsigned)(st.st_mode & 0777));
+    return MANHOLE_OK;
+}
+
+/* Make (or take) the secret and write it where clients of this user find
+ * it: O_EXCL|O_NOFOLLOW, mode 0600, never through a link. */
+static int secret_setup(manhole *mh)
+{
+    const manhole_config *c = &mh->cfg;
+    if (mh->lfd_tcp < 0)
+        return MANHOLE_OK;
+    if (c->tcp_insecure) {
+        LOG(mh, MANHOLE_LOG_WARNING,
+            "tcp port %d without a secret (tcp_insecure): any local user who "
+            "can connect runs Python as uid %ld",
+            mh->tcp_port, (long)geteuid());
+        return MANHOLE_OK;
+    }
+    if (c->tcp_secret) {
+        size_t n = strlen(c->tcp_secret);
+        if (n == 0 || n >= sizeof mh->secret || strpbrk(c->tcp_secret, "\r\n") ||
+            (unsigned char)c->tcp_secret[0] == TN_IAC)
+            return set_err(mh, MANHOLE_EINVAL,
+                           "tcp_secret: 1 to %zu bytes, no line breaks",
+                           sizeof mh->secret - 1);
+        memcpy(mh->secret, c->tcp_secret, n + 1);
+        mh->secret_len = n;
+    } else {
+        unsigned char rnd[32];
+        int fd = open("/dev/urandom", O_RDONLY | O_CLOEXEC);
+        ssize_t r = fd >= 0 ? read(fd, rnd, sizeof rnd) : -1;
+        if (fd >= 0)
+            close(fd);
+        if (r != (ssize_t)sizeof rnd)
+            return set_err(mh, MANHOLE_ESYS, "cannot read /dev/urandom for the TCP secret");
+        for (size_t i = 0; i < sizeof rnd; i++)
+            snprintf(mh->secret + 2 * i, 3, "%02x", rnd[i]);
+        mh->secret_len = 2 * sizeof rnd;
+    }
+    char path[PATH_MAX];
+    if (c->tcp_secret_file) {
+        if (snprintf(path, sizeof path, "%s", c->tcp_secret_file) >= (int)sizeof path)
+            return set_err(mh, MANHOLE_EINVAL, "tcp_secret_file: path too long");
+    } else if (c->tcp_secret) {
+        return MANHOLE_OK; /* the host hands its secret out itself */
+    } else {
+        const char *run = getenv("XDG_RUNTIME_DIR");
+        char dir[PATH_MAX];
+        if (run && run[0] == '/')
+            snprintf(dir, sizeof dir, "%s/manhole", run);
+        else
+            snprintf(dir, sizeof dir, "/tmp/manhole-%ld", (long)geteuid());
+        int rc = private_dir(mh, dir);
+        if (rc != MANHOLE_OK)
+            return rc;
+        if (snprintf(path, sizeof path, "%s/tcp-%d.secret", dir, mh->tcp_port) >=
+            (int)sizeof path)
+            return set_err(mh, MANHOLE_EINVAL, "%s: path too long", dir);
+    }
+    struct stat st;
+    if (lstat(path, &st) == 0) {
+        if (!S_ISREG(st.st_mode) || st.st_uid != geteuid())
+            return set_err(mh, MANHOLE_EEXIST,
+                           "%s: exists and is %s of uid %ld; refusing to replace it",
+                           path, file_kind(st.st_mode), (long)st.st_uid);
+        unlink(path); /* a stale secret of ours */
+    }
+    int fd = open(path, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
+    if (fd < 0)
+        return set_err(mh, MANHOLE_ESYS, "%s: cannot create the secret file: %s", path,
+                       strerror(errno));
+    char line[sizeof mh->secret + 1];
+    memcpy(line, mh->secret, mh->secret_len);
+    line[mh->secret_len] = '\n';
+    ssize_t w = write(fd, line, mh->secret_len + 1);
+    int e = errno;
+    if (fchmod(fd, 0600) < 0 || w != (ssize_t)mh->secret_len + 1) {
+        close(fd);
+        unlink(path);
+        return set_err(mh, MANHOLE_ESYS, "%s: cannot write the secret: %s", path,
+                       strerror(w < 0 ? e : EIO));
+    }
+    close(fd);
+    mh->secret_path = mh_strdup(path);
+    if (!mh->secret_path) {
+        unlink(path);
+        return set_err(mh, MANHOLE_ENOMEM, "out of memory");
+    }
+    LOG(mh, MANHOLE_LOG_INFO, "tcp port %d: clients send the secret in %s first",
+        mh->tcp_port, path);
+    return MANHOLE_OK;
+}
+
+/* Remove the secret file, if it is still the one we wrote. */
+static void secret_remove(manhole *mh)
+{
+    if (!mh->secret_path)
+        return;
+    struct stat st;
+    if (lstat(mh->secret_path, &st) == 0 && S_ISREG(st.st_mode) && st.st_uid == geteuid())
+        unlink(mh->secret_path);
+    free(mh->secret_path);
+    mh->secret_path = NULL;
 }
 
 static int accept_fd(int lfd)
@@ -1162,12 +1568,13 @@ static int pfds_build(manhole *mh)
         mh->cappfds = ncap;
     }
     int n = 0;
+    short lev = mh->listen_paused ? 0 : POLLIN;
     if (mh->lfd_unix >= 0) {
-        mh->pfds[n] = (struct pollfd){mh->lfd_unix, POLLIN, 0};
+        mh->pfds[n] = (struct pollfd){mh->lfd_unix, lev, 0};
         mh->ptags[n++] = TAG_LISTEN_UNIX;
     }
     if (mh->lfd_tcp >= 0) {
-        mh->pfds[n] = (struct pollfd){mh->lfd_tcp, POLLIN, 0};
+        mh->pfds[n] = (struct pollfd){mh->lfd_tcp, lev, 0};
         mh->ptags[n++] = TAG_LISTEN_TCP;
     }
     mh->pfds[n] = (struct pollfd){mh->wake_r, POLLIN, 0};
@@ -1226,7 +1633,10 @@ static int poller_wait(manhole *mh, int timeout_ms, ready *out)
 /* Framing: bytes from the socket into line records                     */
 /* ==================================================================== */
 
-enum { IAC_NONE, IAC_CMD, IAC_OPT, IAC_SB, IAC_SB_IAC };
+enum { IAC_NONE, IAC_CMD, IAC_OPT, IAC_SB, IAC_SB_DATA, IAC_SB_IAC };
+
+/* Frame results. */
+enum { FR_OK = 0, FR_HTTP = -1, FR_NOMEM = -2, FR_AUTH = -3 };
 
 static int rec_add(buf *recs, int kind, const char *p, size_t n)
 {
@@ -1269,8 +1679,35 @@ static int looks_like_http(const char *s, size_t n)
     return n - i >= 6 && memcmp(s + i, " HTTP/", 6) == 0;
 }
 
-/* A line ended: validate it and turn it into a record. Returns -1 when the
- * client must be dropped (HTTP on TCP), -2 when out of memory. */
+/* Do the first bytes of a TCP connection start an HTTP request line
+ * ("METHOD /...", "METHOD *", "METHOD http://...")? Decided on the first
+ * bytes, however long the line then gets: a browser's request never runs. */
+static int http_prefix(const char *s, size_t n)
+{
+    size_t i = 0;
+    while (i < n && s[i] >= 'A' && s[i] <= 'Z')
+        i++;
+    if (i < 3 || i > 12 || i + 1 >= n || s[i] != ' ')
+        return 0;
+    const char *t = s + i + 1;
+    size_t m = n - i - 1;
+    return t[0] == '/' || t[0] == '*' ||
+           (m >= 4 && strncasecmp(t, "http", 4) == 0);
+}
+
+/* Compare a line with the TCP secret in time that depends only on the
+ * secret's length. */
+static int secret_ok(const manhole *mh, const char *p, size_t n)
+{
+    unsigned char d = (unsigned char)(n != mh->secret_len);
+    for (size_t i = 0; i < mh->secret_len; i++)
+        d |= (unsigned char)(mh->secret[i] ^ (i < n ? p[i] : 0));
+    return d == 0;
+}
+
+/* A line ended: validate it and turn it into a record. Returns FR_HTTP
+ * when the client must be dropped (HTTP on TCP), FR_AUTH when it was not
+ * the secret, FR_NOMEM when out of memory. */
 static int end_line(client *c, buf *recs)
 {
     manhole *mh = c->mh;
@@ -1280,7 +1717,16 @@ static int end_line(client *c, buf *recs)
     c->got_line = 1;
     int r;
     if (first && c->transport == T_TCP && looks_like_http(p, n))
-        return -1;
+        return FR_HTTP;
+    if (c->auth) {
+        int ok = !c->discard && secret_ok(mh, p, n);
+        buf_free(&c->line);
+        c->discard = 0;
+        if (!ok)
+            return FR_AUTH;
+        c->auth = 0;
+        return FR_OK;
+    }
     if (c->discard) {
         c->discard = 0; /* the rest of an over-long line: told already */
         r = 0;
@@ -1301,24 +1747,67 @@ static int end_line(client *c, buf *recs)
         }
     }
     buf_clear(&c->line);
-    return r < 0 ? -2 : 0;
+    return r < 0 ? FR_NOMEM : FR_OK;
 }
 
 /* A line just outgrew max_line: tell the client now (not when its end
  * arrives, which may be never) and drop the rest of it. */
 static int start_discard(client *c, buf *recs)
 {
+    if (c->auth)
+        return FR_AUTH; /* no secret is that long */
     c->discard = 1;
-    c->got_line = 1; /* it was no HTTP request line */
+    c->got_line = 1; /* it was no HTTP request line (checked already) */
     buf_free(&c->line); /* memory stays bounded */
     return rec_error(recs, "manhole: line too long (more than %zu bytes); discarded",
-                     c->mh->cfg.max_line) < 0 ? -2 : 0;
+                     c->mh->cfg.max_line) < 0 ? FR_NOMEM : FR_OK;
+}
+
+static void client_interrupt(client *c, int queued);
+static int completion_request(client *c, const char *p, size_t n);
+
+/* A subnegotiation ended (IAC SE). Ours (option 77) carries the extended
+ * channel's requests; any other is dropped. */
+static int sb_end(client *c, buf *recs)
+{
+    const char *p = c->sb.p ? c->sb.p : "";
+    size_t n = c->sb.len;
+    int r = FR_OK;
+    if (c->sb_opt == TN_OPT_MANHOLE && n > 0 && !c->auth) {
+        switch (p[0]) {
+        case 'H': /* hello: in order with the lines, so the worker answers */
+            r = rec_add(recs, REC_HELLO, p + 1, n - 1) < 0 ? FR_NOMEM : FR_OK;
+            break;
+        case 'I':
+            client_interrupt(c, buf_used(recs) > 0);
+            break;
+        case 'C':
+            r = completion_request(c, p + 1, n - 1) < 0 ? FR_NOMEM : FR_OK;
+            break;
+        case 'E': {
+            size_t bad;
+            if (memchr(p + 1, 0, n - 1) || !memchr(p + 1, '\n', n - 1) ||
+                !utf8_valid((const unsigned char *)p + 1, n - 1, &bad))
+                r = rec_error(recs, "manhole: script discarded: a file name "
+                                    "line, then UTF-8 text without NUL bytes") < 0
+                        ? FR_NOMEM : FR_OK;
+            else
+                r = rec_add(recs, REC_SCRIPT, p + 1, n - 1) < 0 ? FR_NOMEM : FR_OK;
+            break;
+        }
+        default: /* a later version's request: ignored */
+            break;
+        }
+    }
+    buf_free(&c->sb);
+    return r;
 }
 
 /* Feed bytes into the framer. Complete lines go to recs. */
 static int frame_bytes(client *c, const unsigned char *p, size_t n, buf *recs)
 {
-    size_t max_line = c->mh->cfg.max_line;
+    manhole *mh = c->mh;
+    size_t max_line = mh->cfg.max_line;
     size_t i = 0;
     while (i < n) {
         unsigned char ch = p[i];
@@ -1333,23 +1822,75 @@ static int frame_bytes(client *c, const unsigned char *p, size_t n, buf *recs)
             i++;
             switch (c->iac) {
             case IAC_CMD:
-                if (ch == 0xFF) { /* IAC IAC: a literal 0xFF byte */
+                if (ch == TN_IAC) { /* IAC IAC: a literal 0xFF byte */
                     c->iac = IAC_NONE;
                     goto literal;
                 }
                 c->iac = (ch >= 251 && ch <= 254) ? IAC_OPT
-                         : ch == 250              ? IAC_SB
+                         : ch == TN_SB            ? IAC_SB
                                                   : IAC_NONE;
+                c->iac_cmd = ch;
+                if ((ch == TN_IP || ch == TN_BRK) && !c->auth)
+                    client_interrupt(c, buf_used(recs) > 0);
                 break;
             case IAC_OPT:
                 c->iac = IAC_NONE;
+                if (c->iac_cmd == TN_DO && ch == TN_OPT_TM && !c->auth) {
+                    /* telnet asks for a timing mark after an interrupt and
+                     * shows nothing until it comes (RFC 860): everything
+                     * before it has been taken in, so it comes now, after
+                     * the output already produced. */
+                    static const char tm[3] = {(char)TN_IAC, (char)TN_WILL, (char)TN_OPT_TM};
+                    pthread_mutex_lock(&mh->lock);
+                    buf_add(&c->out, tm, 3);
+                    mark_dirty_locked(c);
+                    pthread_mutex_unlock(&mh->lock);
+                }
                 break;
             case IAC_SB:
-                if (ch == 0xFF)
-                    c->iac = IAC_SB_IAC;
+                c->sb_opt = ch;
+                buf_free(&c->sb);
+                c->iac = IAC_SB_DATA;
                 break;
+            case IAC_SB_DATA:
+                if (ch == TN_IAC) {
+                    c->iac = IAC_SB_IAC;
+                    break;
+                }
+            sb_byte: {
+                /* Bounded: ours may carry a script of max_line bytes,
+                 * anything else a few hundred. Past that it is a bad
+                 * line: said so, and dropped up to the next line end. */
+                size_t lim = c->sb_opt == TN_OPT_MANHOLE ? max_line + 64 : SB_MAX_OTHER;
+                if (c->sb.len >= lim) {
+                    buf_free(&c->sb);
+                    c->iac = IAC_NONE;
+                    if (c->auth)
+                        return FR_AUTH;
+                    buf_free(&c->line);
+                    c->discard = 1;
+                    c->got_line = 1;
+                    if (rec_error(recs, "manhole: telnet subnegotiation longer "
+                                        "than %zu bytes; discarded", lim) < 0)
+                        return FR_NOMEM;
+                    break;
+                }
+                if (buf_add(&c->sb, &ch, 1) < 0)
+                    return FR_NOMEM;
+                c->iac = IAC_SB_DATA;
+                break;
+            }
             case IAC_SB_IAC:
-                c->iac = ch == 240 ? IAC_NONE : IAC_SB;
+                if (ch == TN_IAC)
+                    goto sb_byte; /* a doubled 0xFF in the payload */
+                c->iac = IAC_NONE;
+                if (ch == TN_SE) {
+                    int r = sb_end(c, recs);
+                    if (r < 0)
+                        return r;
+                } else {
+                    buf_free(&c->sb); /* malformed: dropped */
+                }
                 break;
             }
             continue;
@@ -1358,9 +1899,11 @@ static int frame_bytes(client *c, const unsigned char *p, size_t n, buf *recs)
                 continue;
             if (c->line.len < max_line) {
                 if (buf_add(&c->line, &ch, 1) < 0)
-                    return -2;
-            } else if (start_discard(c, recs) < 0) {
-                return -2;
+                    return FR_NOMEM;
+            } else {
+                int r = start_discard(c, recs);
+                if (r < 0)
+                    return r;
             }
             continue;
         }
@@ -1379,28 +1922,39 @@ static int frame_bytes(client *c, const unsigned char *p, size_t n, buf *recs)
                 return r;
             continue;
         }
-        if (ch == 0xFF) {
+        if (ch == TN_IAC) {
             c->iac = IAC_CMD;
             i++;
             continue;
         }
         /* A run of ordinary bytes. */
         size_t j = i + 1;
-        while (j < n && p[j] != '\n' && p[j] != '\r' && p[j] != 0xFF)
+        while (j < n && p[j] != '\n' && p[j] != '\r' && p[j] != TN_IAC)
             j++;
         size_t run = j - i;
+        if (!c->got_line && c->transport == T_TCP && c->line.len < 32) {
+            /* The first bytes decide whether this is a browser. */
+            char head[48];
+            size_t hl = c->line.len;
+            memcpy(head, c->line.p ? c->line.p : "", hl);
+            size_t take = MH_MIN(run, sizeof head - hl);
+            memcpy(head + hl, p + i, take);
+            if (http_prefix(head, hl + take))
+                return FR_HTTP;
+        }
         if (!c->discard) {
             size_t room = max_line - MH_MIN(max_line, c->line.len);
             if (run > room) {
-                if (start_discard(c, recs) < 0)
-                    return -2;
+                int r = start_discard(c, recs);
+                if (r < 0)
+                    return r;
             } else if (buf_add(&c->line, p + i, run) < 0) {
-                return -2;
+                return FR_NOMEM;
             }
         }
         i = j;
     }
-    return 0;
+    return FR_OK;
 }
 
 /* ==================================================================== */
@@ -1414,6 +1968,7 @@ static void client_free(client *c)
     buf_free(&c->inq);
     buf_free(&c->out);
     buf_free(&c->src);
+    buf_free(&c->sb);
     pthread_cond_destroy(&c->cv);
     free(c);
 }
@@ -1427,6 +1982,21 @@ static void client_unref_locked(client *c)
 }
 
 static void output_wait(worker *w, client *c);
+static void thread_output_wait(client *c);
+
+/* Append bytes, doubling 0xFF (the extended channel's escape). */
+static int buf_add_escaped(buf *b, const char *p, size_t n)
+{
+    while (n > 0) {
+        const char *ff = memchr(p, 0xFF, n);
+        size_t k = ff ? (size_t)(ff - p) + 1 : n;
+        if (buf_add(b, p, k) < 0 || (ff && buf_add(b, "\xff", 1) < 0))
+            return -1;
+        p += k;
+        n -= k;
+    }
+    return 0;
+}
 
 /* How long a worker may hold output back from the host (seconds). A
  * statement that ends sooner has its output, the next prompt included,
@@ -1469,31 +2039,40 @@ static void output_release_locked(worker *w, client *c)
 }
 
 /* Append output for a client. w is the worker producing it (it may be
- * made to wait for room), or NULL for short texts that must never wait
- * (the watchdog's report). Lock NOT held on entry. */
-static void client_output(worker *w, client *c, const char *p, size_t n)
+ * made to wait for room), or NULL: a thread a statement started (it
+ * waits too), or short texts that must never wait (the watchdog's
+ * report). raw: bytes of a record, not to be escaped. Lock NOT held on
+ * entry. */
+static void client_output_ex(worker *w, client *c, const char *p, size_t n, int raw)
 {
     manhole *mh = c->mh;
     size_t cap = mh->cfg.max_output;
     int wake_wd = 0;
+    int thread = !w && tl_bound == c;
     pthread_mutex_lock(&mh->lock);
+    if (n > 0 && !raw)
+        c->out_nl = p[n - 1] == '\n';
     while (n > 0) {
         if (c->dead || mh->stopping || (w && w->timed_out))
             break; /* nobody will read it */
         size_t pending = buf_used(&c->out) + c->tx_backlog;
         size_t room = pending < cap ? cap - pending : 0;
-        /* Only a running statement waits for room (its timeout bounds the
-         * wait). What is written around statements (prompts, reports,
-         * tracebacks) never waits; it is bounded instead by taking no
-         * more input from a client over the cap (process_job). */
-        if (!w || !w->running)
+        /* Only a running statement (or a thread it started) waits for
+         * room (its timeout bounds the wait). What is written around
+         * statements (prompts, reports, tracebacks) never waits; it is
+         * bounded instead by taking no more input from a client over the
+         * cap (process_job). */
+        if (!thread && (!w || !w->running))
             room = n;
         if (room == 0) {
-            output_wait(w, c);
+            if (thread)
+                thread_output_wait(c);
+            else
+                output_wait(w, c);
             continue;
         }
         size_t k = MH_MIN(room, n);
-        if (buf_add(&c->out, p, k) < 0)
+        if ((c->ext && !raw ? buf_add_escaped(&c->out, p, k) : buf_add(&c->out, p, k)) < 0)
             break;
         p += k;
         n -= k;
@@ -1504,9 +2083,51 @@ static void client_output(worker *w, client *c, const char *p, size_t n)
         pthread_cond_signal(&mh->wd_cv);
 }
 
+static void client_output(worker *w, client *c, const char *p, size_t n)
+{
+    client_output_ex(w, c, p, n, 0);
+}
+
+/* A record of the extended channel: IAC SB 77 <type> <payload> IAC SE. */
+static void record_build(buf *b, char type, const char *payload, size_t n)
+{
+    const char hdr[4] = {(char)TN_IAC, (char)TN_SB, (char)TN_OPT_MANHOLE, type};
+    const char end[2] = {(char)TN_IAC, (char)TN_SE};
+    buf_add(b, hdr, 4);
+    buf_add_escaped(b, payload, n);
+    buf_add(b, end, 2);
+}
+
+static void client_record(worker *w, client *c, char type, const char *payload,
+                          size_t n)
+{
+    buf b = {0};
+    record_build(&b, type, payload, n);
+    client_output_ex(w, c, b.p, b.len, 1);
+    buf_free(&b);
+}
+
 static void client_output_str(worker *w, client *c, const char *s)
 {
     client_output(w, c, s, strlen(s));
+}
+
+/* A thread a statement started writes faster than its client reads: it
+ * waits (GIL released) until there is room, or the client is gone. Lock
+ * and GIL held on entry and exit. */
+static void thread_output_wait(client *c)
+{
+    manhole *mh = c->mh;
+    c->out_waiters++;
+    pthread_mutex_unlock(&mh->lock);
+    PyThreadState *ts = PyEval_SaveThread();
+    pthread_mutex_lock(&mh->lock);
+    while (!c->dead && !mh->stopping && buf_used(&c->out) + c->tx_backlog >= mh->cfg.max_output)
+        pthread_cond_wait(&c->cv, &mh->lock);
+    c->out_waiters--;
+    pthread_mutex_unlock(&mh->lock);
+    PyEval_RestoreThread(ts);
+    pthread_mutex_lock(&mh->lock);
 }
 
 static int client_flush(client *c);
@@ -1581,6 +2202,8 @@ typedef struct {
 typedef struct {
     PyDictObject dict;
     PyObject *core;
+    PyObject *detached;  /* set of bound names `del`eted in this namespace,
+                            or NULL: they read as ordinary names here */
 } NsObject;
 
 typedef struct {
@@ -1593,11 +2216,16 @@ typedef struct {
 
 typedef struct {
     PyObject_HEAD
-    PyObject *orig;
-    int kind;
+    PyObject *orig;      /* the stream it stands for (its .buffer, if binary) */
+    PyObject *buffer;    /* text proxies: the binary one, made on first use */
+    int kind;            /* K_STDOUT, K_STDERR, K_STDIN */
+    int binary;
 } ProxyObject;
 
 enum { K_STDOUT, K_STDERR, K_STDIN };
+/* The sys attributes a session may assign for itself (c->over). */
+enum { SYS_STDOUT = K_STDOUT, SYS_STDERR = K_STDERR, SYS_STDIN = K_STDIN, SYS_HOOK, SYS_N };
+static const char *const sys_names[SYS_N] = {"stdout", "stderr", "stdin", "displayhook"};
 
 static void simple_dealloc(PyObject *self)
 {
@@ -1624,6 +2252,7 @@ static void cfunc_dealloc(PyObject *self)
 static void proxy_dealloc(PyObject *self)
 {
     Py_CLEAR(((ProxyObject *)self)->orig);
+    Py_CLEAR(((ProxyObject *)self)->buffer);
     simple_dealloc(self);
 }
 
@@ -1632,6 +2261,7 @@ static void ns_dealloc(PyObject *self)
     PyTypeObject *tp = Py_TYPE(self);
     PyObject_GC_UnTrack(self);
     Py_CLEAR(((NsObject *)self)->core);
+    Py_CLEAR(((NsObject *)self)->detached);
     PyDict_Type.tp_dealloc(self); /* frees through tp_free */
     Py_DECREF(tp);
 }
@@ -1639,12 +2269,14 @@ static void ns_dealloc(PyObject *self)
 static int ns_traverse(PyObject *self, visitproc visit, void *arg)
 {
     Py_VISIT(((NsObject *)self)->core);
+    Py_VISIT(((NsObject *)self)->detached);
     return PyDict_Type.tp_traverse(self, visit, arg);
 }
 
 static int ns_clear(PyObject *self)
 {
     Py_CLEAR(((NsObject *)self)->core);
+    Py_CLEAR(((NsObject *)self)->detached);
     return PyDict_Type.tp_clear(self);
 }
 
@@ -1804,30 +2436,59 @@ static int binding_set(CoreObject *core, BindingObject *b, PyObject *key,
     return hostcall_run(core->mh, &hc, 0);
 }
 
+/* The live binding of key in namespace self: a borrowed Binding, or NULL
+ * (with an exception set on error) when key is not bound there, or was
+ * `del`eted there. */
+static PyObject *ns_binding(PyObject *self, PyObject *key)
+{
+    NsObject *ns = (NsObject *)self;
+    CoreObject *core = (CoreObject *)ns->core;
+    if (!core || !core->bindings || !PyDict_GET_SIZE(core->bindings) ||
+        !PyUnicode_CheckExact(key))
+        return NULL;
+    PyObject *b = PyDict_GetItemWithError(core->bindings, key);
+    if (b && ns->detached) {
+        int gone = PySet_Contains(ns->detached, key);
+        if (gone)
+            return NULL; /* (or -1: the error is set) */
+    }
+    return b;
+}
+
 static PyObject *ns_subscript(PyObject *self, PyObject *key)
 {
-    CoreObject *core = (CoreObject *)((NsObject *)self)->core;
-    if (core && core->bindings && PyDict_GET_SIZE(core->bindings) &&
-        PyUnicode_CheckExact(key)) {
-        PyObject *b = PyDict_GetItemWithError(core->bindings, key);
-        if (b)
-            return binding_get((BindingObject *)b);
-        if (PyErr_Occurred())
-            return NULL;
-    }
+    PyObject *b = ns_binding(self, key);
+    if (b)
+        return binding_get((BindingObject *)b);
+    if (PyErr_Occurred())
+        return NULL;
     return PyDict_Type.tp_as_mapping->mp_subscript(self, key);
 }
 
+/* Assigning a bound name writes the C variable (or raises); `del` of a
+ * bound name removes it from this namespace only: from then on the name is
+ * an ordinary one here (undefined until assigned), while the host's
+ * variable, the host's other namespaces and other clients' copies keep the
+ * binding. */
 static int ns_ass_subscript(PyObject *self, PyObject *key, PyObject *v)
 {
-    CoreObject *core = (CoreObject *)((NsObject *)self)->core;
-    if (core && core->bindings && PyDict_GET_SIZE(core->bindings) &&
-        PyUnicode_CheckExact(key)) {
-        PyObject *b = PyDict_GetItemWithError(core->bindings, key);
-        if (b)
-            return binding_set(core, (BindingObject *)b, key, v);
-        if (PyErr_Occurred())
+    PyObject *b = ns_binding(self, key);
+    if (b && v)
+        return binding_set((CoreObject *)((NsObject *)self)->core,
+                           (BindingObject *)b, key, v);
+    if (PyErr_Occurred())
+        return -1;
+    if (b) {
+        NsObject *ns = (NsObject *)self;
+        if (!ns->detached && !(ns->detached = PySet_New(NULL)))
             return -1;
+        if (PySet_Add(ns->detached, key) < 0)
+            return -1;
+        /* the value seen by dict methods, if this namespace has one */
+        if (PyDict_Type.tp_as_mapping->mp_ass_subscript(self, key, NULL) < 0 &&
+            PyErr_ExceptionMatches(PyExc_KeyError))
+            PyErr_Clear();
+        return PyErr_Occurred() ? -1 : 0;
     }
     return PyDict_Type.tp_as_mapping->mp_ass_subscript(self, key, v);
 }
@@ -2077,38 +2738,100 @@ static PyGetSetDef cfunc_getset[] = {
 
 /* ---- Stream proxies and the display hook ----------------------------- */
 
-/* The client whose statement runs on this thread, or NULL. */
+/* The client whose statement runs on this thread (or that started this
+ * thread, while it is connected), or NULL: the host's own threads. */
 static client *current_client(void)
 {
     worker *w = tl_worker;
-    return w ? w->c : NULL;
+    if (w)
+        return w->c;
+    client *c = tl_bound;
+    if (c && !__atomic_load_n(&c->dead, __ATOMIC_RELAXED))
+        return c;
+    return NULL;
 }
+
+/* A completion runs code (attribute lookups) whose output and input are
+ * nobody's: dropped, and end of input. */
+static int completing(void)
+{
+    return tl_worker && tl_worker->completing;
+}
+
+static PyObject *unsupported(const char *what)
+{
+    PyObject *io = PyImport_ImportModule("io");
+    if (io) {
+        PyObject *exc = PyObject_GetAttrString(io, "UnsupportedOperation");
+        if (exc) {
+            PyErr_SetString(exc, what);
+            Py_DECREF(exc);
+        }
+        Py_DECREF(io);
+    }
+    return NULL;
+}
+
+static PyObject *proxy_forward(PyObject *self, const char *name, PyObject *args,
+                               PyObject *kw)
+{
+    PyObject *m = PyObject_GetAttrString(((ProxyObject *)self)->orig, name);
+    if (!m)
+        return NULL;
+    PyObject *r = PyObject_Call(m, args, kw);
+    Py_DECREF(m);
+    return r;
+}
+
+#define FORWARD(name) proxy_forward(self, name, args, NULL)
 
 static PyObject *proxy_write(PyObject *self, PyObject *arg)
 {
     ProxyObject *p = (ProxyObject *)self;
     client *c = current_client();
-    if (!c || p->kind == K_STDIN)
+    if (!c)
         return PyObject_CallMethod(p->orig, "write", "O", arg);
-    if (!PyUnicode_Check(arg)) {
-        PyErr_Format(PyExc_TypeError, "write() argument must be str, not %.100s",
-                     Py_TYPE(arg)->tp_name);
-        return NULL;
-    }
-    Py_ssize_t n;
-    const char *s = PyUnicode_AsUTF8AndSize(arg, &n);
+    if (p->kind == K_STDIN)
+        return unsupported("not writable");
+    const char *s;
+    Py_ssize_t n, ret;
     PyObject *tmp = NULL;
-    if (!s) { /* lone surrogates: show them escaped, never fail */
-        PyErr_Clear();
-        tmp = PyUnicode_AsEncodedString(arg, "utf-8", "backslashreplace");
-        if (!tmp)
+    Py_buffer view;
+    int have_view = 0;
+    if (p->binary) {
+        if (PyObject_GetBuffer(arg, &view, PyBUF_SIMPLE) < 0)
             return NULL;
-        s = PyBytes_AS_STRING(tmp);
-        n = PyBytes_GET_SIZE(tmp);
+        have_view = 1;
+        s = view.buf;
+        n = view.len;
+        ret = n;
+    } else {
+        if (!PyUnicode_Check(arg)) {
+            PyErr_Format(PyExc_TypeError, "write() argument must be str, not %.100s",
+                         Py_TYPE(arg)->tp_name);
+            return NULL;
+        }
+        ret = PyUnicode_GET_LENGTH(arg);
+        /* The session assigned sys.stdout/sys.stderr: its output goes
+         * there (and only its own). */
+        if (c->over[p->kind])
+            return PyObject_CallMethod(c->over[p->kind], "write", "O", arg);
+        s = PyUnicode_AsUTF8AndSize(arg, &n);
+        if (!s) { /* lone surrogates: show them escaped, never fail */
+            PyErr_Clear();
+            tmp = PyUnicode_AsEncodedString(arg, "utf-8", "backslashreplace");
+            if (!tmp)
+                return NULL;
+            s = PyBytes_AS_STRING(tmp);
+            n = PyBytes_GET_SIZE(tmp);
+        }
     }
-    client_output(tl_worker, c, s, (size_t)n);
+    if (!completing())
+        client_output(tl_worker, c, s, (size_t)n);
     Py_XDECREF(tmp);
-    return PyLong_FromSsize_t(PyUnicode_GET_LENGTH(arg));
+    if (have_view)
+        PyBuffer_Release(&view);
+    return PyLong_FromSsize_t(ret);
 }
 
 static PyObject *proxy_writelines(PyObject *self, PyObject *lines)
@@ -2132,19 +2855,37 @@ static PyObject *proxy_writelines(PyObject *self, PyObject *lines)
     Py_RETURN_NONE;
 }
 
-/* Read one line of the client's input (for input(), pdb, ...). Waits for
- * the client in threaded mode; in non-threaded mode only input already
- * received is available. Returns "" at end of input. */
-static PyObject *stdin_readline(worker *w, client *c)
+static void watchdog_kick_locked(manhole *mh, double deadline);
+
+/* Read one line of the client's input (for input(), pdb, ...), with its
+ * "\n"; "" at end of input. Waits for the client in threaded mode (the
+ * wait does not count against the statement's timeout); in non-threaded
+ * mode only input already received is available. Bad lines get the same
+ * message as at the prompt. An interrupt from the client raises
+ * KeyboardInterrupt here. NULL with an exception set, or the line. */
+static PyObject *stdin_readline(worker *w, client *c, int binary)
 {
     manhole *mh = c->mh;
     buf line = {0};
+    int interrupted = 0;
+    if (!w || w->completing || w->c != c) /* a thread, a completion: no input */
+        return binary ? PyBytes_FromStringAndSize("", 0) : PyUnicode_FromString("");
     PyThreadState *ts = PyEval_SaveThread();
     pthread_mutex_lock(&mh->lock);
     output_release_locked(w, c); /* an input() prompt, for one */
+    int told = 0;
+    double left = 0;
     for (;;) {
-        if (c->dead || w->timed_out || w->want_int || mh->stopping || c->exiting)
+        if (c->dead || w->timed_out || mh->stopping || c->exiting)
             break;
+        if (w->want_int && w->user_int && !w->int_sent) {
+            w->int_sent = 1; /* ours to raise, not the watchdog's */
+            w->int_deadline = 0;
+            interrupted = 1;
+            break;
+        }
+        if (w->want_int && !w->user_int)
+            break; /* closing, or the client is gone */
         if (buf_used(&c->inq) >= 5) {
             unsigned char kind = (unsigned char)c->inq.p[c->inq.head];
             uint32_t len;
@@ -2152,109 +2893,241 @@ static PyObject *stdin_readline(worker *w, client *c)
             if (kind == REC_EOF)
                 break; /* leave it for the session */
             const char *data = c->inq.p + c->inq.head + 5;
-            int ok = kind == REC_LINE && buf_add(&line, data, len) == 0 &&
-                     buf_add(&line, "\n", 1) == 0;
+            if (kind == REC_LINE) {
+                int ok = buf_add(&line, data, len) == 0 && buf_add(&line, "\n", 1) == 0;
+                c->inq.head += 5 + len;
+                input_drained_locked(c);
+                if (ok)
+                    break;
+                continue;
+            }
+            if (kind == REC_ERROR) { /* said, as at the prompt; then wait on */
+                buf msg = {0};
+                buf_add(&msg, data, len);
+                buf_add(&msg, "\n", 1);
+                c->inq.head += 5 + len;
+                input_drained_locked(c);
+                pthread_mutex_unlock(&mh->lock);
+                client_output(NULL, c, msg.p, msg.len);
+                buf_free(&msg);
+                told = 0;
+                pthread_mutex_lock(&mh->lock);
+                continue;
+            }
+            /* HELLO, SCRIPT: not input for a statement; skipped */
             c->inq.head += 5 + len;
             input_drained_locked(c);
-            if (ok)
-                break;
             continue;
         }
         if (w->is_host)
             break;
+        if (!told && c->ext) { /* tell a rich client that we wait for a line */
+            pthread_mutex_unlock(&mh->lock);
+            client_record(NULL, c, 'W', "", 0);
+            pthread_mutex_lock(&mh->lock);
+            told = 1;
+            continue;
+        }
+        if (!w->waiting) { /* the wait is the client's time, not ours */
+            w->waiting = 1;
+            w->int_deadline = 0; /* an earlier interrupt was dealt with */
+            left = w->deadline > 0 ? w->deadline - now_mono() : 0;
+            if (w->deadline > 0 && left < 0.001)
+                left = 0.001;
+            w->deadline = 0;
+        }
         c->in_waiters++;
         pthread_cond_wait(&c->cv, &mh->lock);
         c->in_waiters--;
     }
+    if (w->waiting) {
+        w->waiting = 0;
+        if (left > 0) {
+            w->deadline = now_mono() + (left < 0.001 ? 0.001 : left);
+            watchdog_kick_locked(mh, w->deadline);
+        }
+    }
+    c->out_nl = 1; /* the client's answer ended the line */
     pthread_mutex_unlock(&mh->lock);
     PyEval_RestoreThread(ts);
-    PyObject *r = PyUnicode_DecodeUTF8(line.p ? line.p : "",
-                                       (Py_ssize_t)line.len, "replace");
+    if (interrupted) {
+        buf_free(&line);
+        PyErr_SetNone(PyExc_KeyboardInterrupt);
+        return NULL;
+    }
+    PyObject *r = binary ? PyBytes_FromStringAndSize(line.p ? line.p : "", (Py_ssize_t)line.len)
+                         : PyUnicode_DecodeUTF8(line.p ? line.p : "", (Py_ssize_t)line.len,
+                                                "replace");
     buf_free(&line);
     return r;
 }
 
-static PyObject *proxy_forward(PyObject *self, const char *name, PyObject *args);
-
-/* readline() and read() on a manhole thread give the client's next line
- * (read() too: a REPL has nothing more to give at once); elsewhere they
- * are the original stream's. */
 static PyObject *proxy_readline(PyObject *self, PyObject *args)
 {
+    ProxyObject *p = (ProxyObject *)self;
     client *c = current_client();
     if (!c)
-        return proxy_forward(self, "readline", args);
-    return stdin_readline(tl_worker, c);
+        return FORWARD("readline");
+    if (p->kind != K_STDIN)
+        return unsupported("not readable");
+    if (c->over[SYS_STDIN] && !p->binary) { /* the session's own sys.stdin */
+        PyObject *m = PyObject_GetAttrString(c->over[SYS_STDIN], "readline");
+        PyObject *r = m ? PyObject_Call(m, args, NULL) : NULL;
+        Py_XDECREF(m);
+        return r;
+    }
+    return stdin_readline(tl_worker, c, p->binary);
 }
 
+/* Lines until end of input (the client half-closed). */
+static PyObject *read_all(PyObject *self)
+{
+    ProxyObject *p = (ProxyObject *)self;
+    client *c = current_client();
+    PyObject *list = PyList_New(0);
+    if (!list)
+        return NULL;
+    for (;;) {
+        PyObject *line = stdin_readline(tl_worker, c, p->binary);
+        if (!line) {
+            Py_DECREF(list);
+            return NULL;
+        }
+        if ((p->binary ? PyBytes_GET_SIZE(line) : PyUnicode_GET_LENGTH(line)) == 0) {
+            Py_DECREF(line);
+            break;
+        }
+        int r = PyList_Append(list, line);
+        Py_DECREF(line);
+        if (r < 0) {
+            Py_DECREF(list);
+            return NULL;
+        }
+    }
+    return list;
+}
+
+/* read() gives the client's next line, as before (a person at a prompt
+ * has nothing more to give at once, and ending the input would end the
+ * session); readlines() and iteration go on to the end of input. */
 static PyObject *proxy_read(PyObject *self, PyObject *args)
 {
+    ProxyObject *p = (ProxyObject *)self;
     client *c = current_client();
     if (!c)
-        return proxy_forward(self, "read", args);
-    return stdin_readline(tl_worker, c);
+        return FORWARD("read");
+    if (p->kind != K_STDIN)
+        return unsupported("not readable");
+    return stdin_readline(tl_worker, c, p->binary);
 }
 
-static PyObject *proxy_forward(PyObject *self, const char *name, PyObject *args)
+static PyObject *proxy_readlines(PyObject *self, PyObject *args)
 {
-    PyObject *m = PyObject_GetAttrString(((ProxyObject *)self)->orig, name);
-    if (!m)
-        return NULL;
-    PyObject *r = PyObject_Call(m, args, NULL);
-    Py_DECREF(m);
-    return r;
+    ProxyObject *p = (ProxyObject *)self;
+    if (!current_client())
+        return FORWARD("readlines");
+    if (p->kind != K_STDIN)
+        return unsupported("not readable");
+    return read_all(self);
+}
+
+static PyObject *proxy_iter(PyObject *self)
+{
+    if (!current_client())
+        return PyObject_GetIter(((ProxyObject *)self)->orig);
+    Py_INCREF(self);
+    return self;
+}
+
+static PyObject *proxy_iternext(PyObject *self)
+{
+    ProxyObject *p = (ProxyObject *)self;
+    client *c = current_client();
+    if (!c)
+        return PyIter_Next(p->orig);
+    if (p->kind != K_STDIN)
+        return unsupported("not readable");
+    PyObject *line = stdin_readline(tl_worker, c, p->binary);
+    if (line && (p->binary ? PyBytes_GET_SIZE(line) : PyUnicode_GET_LENGTH(line)) == 0) {
+        Py_DECREF(line);
+        return NULL; /* StopIteration */
+    }
+    return line;
 }
 
 static PyObject *proxy_flush(PyObject *self, PyObject *args)
 {
     if (current_client())
         Py_RETURN_NONE;
-    return proxy_forward(self, "flush", args);
+    return FORWARD("flush");
 }
 
 static PyObject *proxy_close(PyObject *self, PyObject *args)
 {
     if (current_client()) /* exit() closes sys.stdin: not ours to close */
         Py_RETURN_NONE;
-    return proxy_forward(self, "close", args);
+    return FORWARD("close");
 }
 
 static PyObject *proxy_isatty(PyObject *self, PyObject *args)
 {
     if (current_client())
         Py_RETURN_FALSE;
-    return proxy_forward(self, "isatty", args);
+    return FORWARD("isatty");
 }
 
 static PyObject *proxy_fileno(PyObject *self, PyObject *args)
 {
-    if (current_client()) {
-        PyObject *io = PyImport_ImportModule("io");
-        if (io) {
-            PyObject *exc = PyObject_GetAttrString(io, "UnsupportedOperation");
-            if (exc) {
-                PyErr_SetString(exc, "a manhole stream has no file descriptor");
-                Py_DECREF(exc);
-            }
-            Py_DECREF(io);
-        }
-        return NULL;
-    }
-    return proxy_forward(self, "fileno", args);
+    if (current_client())
+        return unsupported("a manhole stream has no file descriptor");
+    return FORWARD("fileno");
 }
 
 static PyObject *proxy_readable(PyObject *self, PyObject *args)
 {
     if (current_client())
         return PyBool_FromLong(((ProxyObject *)self)->kind == K_STDIN);
-    return proxy_forward(self, "readable", args);
+    return FORWARD("readable");
 }
 
 static PyObject *proxy_writable(PyObject *self, PyObject *args)
 {
     if (current_client())
         return PyBool_FromLong(((ProxyObject *)self)->kind != K_STDIN);
-    return proxy_forward(self, "writable", args);
+    return FORWARD("writable");
+}
+
+static PyObject *proxy_seekable(PyObject *self, PyObject *args)
+{
+    if (current_client())
+        Py_RETURN_FALSE;
+    return FORWARD("seekable");
+}
+
+#define PROXY_NOSEEK(fn, name)                                                  \
+    static PyObject *fn(PyObject *self, PyObject *args)                        \
+    {                                                                          \
+        if (current_client())                                                  \
+            return unsupported(name);                                          \
+        return FORWARD(name);                                                  \
+    }
+PROXY_NOSEEK(proxy_tell, "tell")
+PROXY_NOSEEK(proxy_seek, "seek")
+PROXY_NOSEEK(proxy_truncate, "truncate")
+PROXY_NOSEEK(proxy_detach, "detach")
+
+/* reconfigure() on a manhole thread changes nothing outside the session
+ * (and a client's stream has nothing to change). */
+static PyObject *proxy_reconfigure(PyObject *self, PyObject *args, PyObject *kw)
+{
+    if (current_client())
+        Py_RETURN_NONE;
+    return proxy_forward(self, "reconfigure", args, kw);
+}
+
+static PyObject *proxy_getattr_orig(PyObject *self, const char *name)
+{
+    return PyObject_GetAttrString(((ProxyObject *)self)->orig, name);
 }
 
 static PyObject *proxy_get_encoding(PyObject *self, void *closure)
@@ -2262,7 +3135,7 @@ static PyObject *proxy_get_encoding(PyObject *self, void *closure)
     MH_UNUSED(closure);
     if (current_client())
         return PyUnicode_FromString("utf-8");
-    return PyObject_GetAttrString(((ProxyObject *)self)->orig, "encoding");
+    return proxy_getattr_orig(self, "encoding");
 }
 
 static PyObject *proxy_get_errors(PyObject *self, void *closure)
@@ -2270,7 +3143,7 @@ static PyObject *proxy_get_errors(PyObject *self, void *closure)
     MH_UNUSED(closure);
     if (current_client())
         return PyUnicode_FromString("backslashreplace");
-    return PyObject_GetAttrString(((ProxyObject *)self)->orig, "errors");
+    return proxy_getattr_orig(self, "errors");
 }
 
 static PyObject *proxy_get_closed(PyObject *self, void *closure)
@@ -2278,14 +3151,65 @@ static PyObject *proxy_get_closed(PyObject *self, void *closure)
     MH_UNUSED(closure);
     if (current_client())
         Py_RETURN_FALSE;
-    return PyObject_GetAttrString(((ProxyObject *)self)->orig, "closed");
+    return proxy_getattr_orig(self, "closed");
 }
 
-/* Anything else (buffer, name, mode, ...) comes from the original. */
+static PyObject *proxy_get_name(PyObject *self, void *closure)
+{
+    MH_UNUSED(closure);
+    static const char *const names[] = {"<stdout>", "<stderr>", "<stdin>"};
+    if (current_client())
+        return PyUnicode_FromString(names[((ProxyObject *)self)->kind]);
+    return proxy_getattr_orig(self, "name");
+}
+
+static PyObject *proxy_get_mode(PyObject *self, void *closure)
+{
+    MH_UNUSED(closure);
+    ProxyObject *p = (ProxyObject *)self;
+    if (current_client())
+        return PyUnicode_FromString(p->kind == K_STDIN ? (p->binary ? "rb" : "r")
+                                                       : (p->binary ? "wb" : "w"));
+    return proxy_getattr_orig(self, "mode");
+}
+
+static PyObject *proxy_get_false(PyObject *self, void *closure)
+{
+    if (current_client())
+        Py_RETURN_FALSE;
+    return proxy_getattr_orig(self, (const char *)closure);
+}
+
+static PyObject *proxy_get_none(PyObject *self, void *closure)
+{
+    if (current_client())
+        Py_RETURN_NONE;
+    return proxy_getattr_orig(self, (const char *)closure);
+}
+
+static PyObject *make_binary_proxy(ProxyObject *text);
+
+/* The binary side of a text proxy: bytes to and from the same client. */
+static PyObject *proxy_get_buffer(PyObject *self, void *closure)
+{
+    MH_UNUSED(closure);
+    ProxyObject *p = (ProxyObject *)self;
+    if (p->binary) {
+        PyErr_SetString(PyExc_AttributeError, "buffer");
+        return NULL;
+    }
+    if (!p->buffer && !(p->buffer = make_binary_proxy(p)))
+        return NULL;
+    Py_INCREF(p->buffer);
+    return p->buffer;
+}
+
+/* Anything else: the original's on the host's threads; on a manhole
+ * thread nothing of the process's real stream is reachable. */
 static PyObject *proxy_getattro(PyObject *self, PyObject *name)
 {
     PyObject *r = PyObject_GenericGetAttr(self, name);
-    if (r || !PyErr_ExceptionMatches(PyExc_AttributeError))
+    if (r || !PyErr_ExceptionMatches(PyExc_AttributeError) || current_client())
         return r;
     PyErr_Clear();
     return PyObject_GetAttr(((ProxyObject *)self)->orig, name);
@@ -2296,26 +3220,44 @@ static PyMethodDef proxy_methods[] = {
     {"writelines", proxy_writelines, METH_O, NULL},
     {"readline", proxy_readline, METH_VARARGS, NULL},
     {"read", proxy_read, METH_VARARGS, NULL},
+    {"readlines", proxy_readlines, METH_VARARGS, NULL},
     {"flush", proxy_flush, METH_VARARGS, NULL},
     {"close", proxy_close, METH_VARARGS, NULL},
     {"isatty", proxy_isatty, METH_VARARGS, NULL},
     {"fileno", proxy_fileno, METH_VARARGS, NULL},
     {"readable", proxy_readable, METH_VARARGS, NULL},
     {"writable", proxy_writable, METH_VARARGS, NULL},
+    {"seekable", proxy_seekable, METH_VARARGS, NULL},
+    {"tell", proxy_tell, METH_VARARGS, NULL},
+    {"seek", proxy_seek, METH_VARARGS, NULL},
+    {"truncate", proxy_truncate, METH_VARARGS, NULL},
+    {"detach", proxy_detach, METH_VARARGS, NULL},
+    {"reconfigure", (PyCFunction)(void (*)(void))proxy_reconfigure,
+     METH_VARARGS | METH_KEYWORDS, NULL},
     {NULL, NULL, 0, NULL}};
 
 static PyGetSetDef proxy_getset[] = {
     {"encoding", proxy_get_encoding, NULL, NULL, NULL},
     {"errors", proxy_get_errors, NULL, NULL, NULL},
     {"closed", proxy_get_closed, NULL, NULL, NULL},
+    {"name", proxy_get_name, NULL, NULL, NULL},
+    {"mode", proxy_get_mode, NULL, NULL, NULL},
+    {"buffer", proxy_get_buffer, NULL, NULL, NULL},
+    {"line_buffering", proxy_get_false, NULL, NULL, (void *)"line_buffering"},
+    {"write_through", proxy_get_false, NULL, NULL, (void *)"write_through"},
+    {"newlines", proxy_get_none, NULL, NULL, (void *)"newlines"},
     {NULL, NULL, NULL, NULL, NULL}};
 
 /* sys.displayhook for manhole threads: the interactive interpreter's,
- * except that `_` goes into the statement's namespace, not builtins. */
+ * except that `_` goes into the statement's namespace, not builtins. A
+ * session that assigned sys.displayhook gets its own. */
 static PyObject *displayhook(PyObject *orig, PyObject *obj)
 {
-    if (!current_client())
+    client *c = current_client();
+    if (!c || completing())
         return PyObject_CallFunctionObjArgs(orig, obj, NULL);
+    if (c->over[SYS_HOOK])
+        return PyObject_CallFunctionObjArgs(c->over[SYS_HOOK], obj, NULL);
     if (obj == Py_None)
         Py_RETURN_NONE;
     PyObject *globals = PyEval_GetGlobals();
@@ -2334,6 +3276,333 @@ static PyObject *displayhook(PyObject *orig, PyObject *obj)
 }
 
 static PyMethodDef displayhook_def = {"displayhook", displayhook, METH_O, NULL};
+
+/* ---- sys.stdout & co., per session ------------------------------------ */
+
+/* The sys module gets a class of its own (a ModuleType subclass) whose
+ * properties stdout, stderr, stdin and displayhook are read and assigned
+ * per session on manhole threads: `sys.stdout = f` (contextlib's
+ * redirect_stdout too) sends that session's output to f, and nobody
+ * else's, while the module's dict (what print() and the interpreter use)
+ * keeps the routing proxies. On the host's threads an assignment sets
+ * what the proxy forwards to. */
+
+/* Is v one of the manhole's own objects for sys attribute k, or the
+ * original it stands for (an assignment back to it ends a session's
+ * own)? */
+static int sys_is_ours(PyObject *mod, int k, PyObject *v)
+{
+    static const char *const dunder[SYS_N] = {"__stdout__", "__stderr__", "__stdin__", NULL};
+    PyObject *a = PyObject_GetAttrString(mod, sys_names[k]);
+    PyObject *b = dunder[k] ? PyObject_GetAttrString(mod, dunder[k]) : NULL;
+    PyErr_Clear();
+    int r = v == a || (b && v == b) ||
+            (k < SYS_HOOK && a && v == ((ProxyObject *)a)->orig) ||
+            (k < SYS_HOOK && b && v == ((ProxyObject *)b)->orig) ||
+            (k == SYS_HOOK && a && PyCFunction_Check(a) && v == PyCFunction_GET_SELF(a));
+    Py_XDECREF(a);
+    Py_XDECREF(b);
+    return r;
+}
+
+static void sys_assign_for(client *c, int k, PyObject *v)
+{
+    PyObject *mod = PyDict_GetItemString(PyImport_GetModuleDict(), "_manhole");
+    if (!v || v == Py_None || !mod || sys_is_ours(mod, k, v)) {
+        Py_CLEAR(c->over[k]);
+        return;
+    }
+    Py_INCREF(v);
+    Py_XSETREF(c->over[k], v);
+}
+
+static int sys_index(PyObject *name)
+{
+    const char *n = PyUnicode_Check(name) ? PyUnicode_AsUTF8(name) : NULL;
+    for (int k = 0; n && k < SYS_N; k++)
+        if (strcmp(n, sys_names[k]) == 0)
+            return k;
+    PyErr_Clear();
+    return -1;
+}
+
+static PyObject *sys_attr_get(PyObject *self, PyObject *name)
+{
+    MH_UNUSED(self);
+    int k = sys_index(name);
+    client *c = current_client();
+    if (k >= 0 && c && !completing() && c->over[k]) {
+        Py_INCREF(c->over[k]);
+        return c->over[k];
+    }
+    PyObject *v = k >= 0 ? PySys_GetObject(sys_names[k]) : NULL;
+    if (!v) {
+        PyErr_SetObject(PyExc_AttributeError, name);
+        return NULL;
+    }
+    Py_INCREF(v);
+    return v;
+}
+
+static PyObject *sys_attr_set(PyObject *self, PyObject *args)
+{
+    MH_UNUSED(self);
+    PyObject *name, *v;
+    if (!PyArg_ParseTuple(args, "OO", &name, &v))
+        return NULL;
+    int k = sys_index(name);
+    if (k < 0) {
+        PyErr_SetObject(PyExc_AttributeError, name);
+        return NULL;
+    }
+    client *c = current_client();
+    if (c && !completing()) {
+        sys_assign_for(c, k, v);
+        Py_RETURN_NONE;
+    }
+    PyObject *mod = PyDict_GetItemString(PyImport_GetModuleDict(), "_manhole");
+    PyObject *ours = mod ? PyObject_GetAttrString(mod, sys_names[k]) : NULL;
+    PyErr_Clear();
+    if (k < SYS_HOOK && ours && PySys_GetObject(sys_names[k]) == ours) {
+        /* The host's own: the proxy stays, and forwards to v. */
+        PyObject *to = v;
+        if (PyObject_TypeCheck(v, Py_TYPE(ours)))
+            to = ((ProxyObject *)v)->orig; /* sys.__stdout__ & co. */
+        Py_INCREF(to);
+        Py_XSETREF(((ProxyObject *)ours)->orig, to);
+        Py_CLEAR(((ProxyObject *)ours)->buffer);
+    } else if (PySys_SetObject(sys_names[k], v) < 0) {
+        Py_XDECREF(ours);
+        return NULL;
+    }
+    Py_XDECREF(ours);
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef sys_get_def = {"sys_get", sys_attr_get, METH_O, NULL};
+static PyMethodDef sys_set_def = {"sys_set", sys_attr_set, METH_VARARGS, NULL};
+
+static const char sys_class_src[] =
+    "def _make(get, set_):\n"
+    "    import sys\n"
+    "    base = type(sys)\n"
+    "    def prop(n):\n"
+    "        return property(lambda self: get(n), lambda self, v: set_(n, v))\n"
+    "    attrs = {n: prop(n) for n in ('stdout', 'stderr', 'stdin', 'displayhook')}\n"
+    "    attrs['__slots__'] = ()\n"
+    "    cls = type('module', (base,), attrs)\n"
+    "    sys.__class__ = cls\n"
+    "    return base\n";
+
+/* Give sys its class (on = 1; returns the plain module type to restore),
+ * or take it back. GIL held. */
+static int sys_class(PyObject *mod, int on)
+{
+    PyObject *sys = PyImport_ImportModule("sys");
+    int r = 0;
+    if (!sys)
+        return -1;
+    if (on) {
+        PyObject *get = PyCFunction_New(&sys_get_def, NULL);
+        PyObject *set = PyCFunction_New(&sys_set_def, NULL);
+        PyObject *g = PyDict_New();
+        PyObject *base = NULL;
+        if (get && set && g) {
+            PyDict_SetItemString(g, "__builtins__", PyEval_GetBuiltins());
+            PyObject *x = PyRun_String(sys_class_src, Py_file_input, g, g);
+            PyObject *make = x ? PyDict_GetItemString(g, "_make") : NULL;
+            base = make ? PyObject_CallFunctionObjArgs(make, get, set, NULL) : NULL;
+            Py_XDECREF(x);
+        }
+        if (base)
+            PyModule_AddObject(mod, "sys_base", base); /* steals */
+        else
+            r = -1;
+        Py_XDECREF(get);
+        Py_XDECREF(set);
+        Py_XDECREF(g);
+    } else {
+        PyObject *base = PyObject_GetAttrString(mod, "sys_base");
+        if (base && PyObject_SetAttrString(sys, "__class__", base) == 0)
+            PyObject_DelAttrString(mod, "sys_base");
+        Py_XDECREF(base);
+        PyErr_Clear();
+    }
+    Py_DECREF(sys);
+    return r;
+}
+
+/* ---- Threads started from a statement -------------------------------- */
+
+/* _thread.start_new_thread (and 3.13's start_joinable_thread) are wrapped:
+ * on a manhole thread the new thread's function is wrapped in turn, so
+ * that the thread runs "bound" to the client whose statement started it
+ * and its output reaches that client while it is connected. The host's
+ * own threads are started unwrapped. */
+typedef struct {
+    PyObject_HEAD
+    PyObject *fn;
+    client *c;           /* a reference, until the thread has run */
+} TargetObject;
+
+static void bound_release(client *c)
+{
+    manhole *mh = c->mh;
+    pthread_mutex_lock(&mh->lock);
+    mh->nbound--;
+    client_unref_locked(c);
+    pthread_mutex_unlock(&mh->lock);
+}
+
+static void target_dealloc(PyObject *self)
+{
+    TargetObject *t = (TargetObject *)self;
+    if (t->c)
+        bound_release(t->c);
+    t->c = NULL;
+    Py_CLEAR(t->fn);
+    simple_dealloc(self);
+}
+
+static PyObject *target_call(PyObject *self, PyObject *args, PyObject *kw)
+{
+    TargetObject *t = (TargetObject *)self;
+    client *c = t->c, *saved = tl_bound;
+    t->c = NULL;
+    tl_bound = c;
+    PyObject *r = PyObject_Call(t->fn, args, kw);
+    tl_bound = saved;
+    if (c)
+        bound_release(c);
+    return r;
+}
+
+static PyType_Slot target_slots[] = {{Py_tp_dealloc, MH_FN(target_dealloc)},
+                                     {Py_tp_call, MH_FN(target_call)},
+                                     {0, NULL}};
+static PyType_Spec target_spec = {"_manhole.ThreadTarget", sizeof(TargetObject), 0,
+                                  Py_TPFLAGS_DEFAULT, target_slots};
+
+static PyObject *start_thread(PyObject *orig, PyObject *args, PyObject *kw)
+{
+    client *c = current_client();
+    if (!c || completing() || PyTuple_GET_SIZE(args) < 1)
+        return PyObject_Call(orig, args, kw);
+    PyObject *mod = PyDict_GetItemString(PyImport_GetModuleDict(), "_manhole");
+    PyObject *type = mod ? PyObject_GetAttrString(mod, "ThreadTarget") : NULL;
+    PyObject *t = type ? new_of(type) : NULL;
+    Py_XDECREF(type);
+    PyObject *nargs = t ? PyTuple_GetSlice(args, 0, PyTuple_GET_SIZE(args)) : NULL;
+    if (!nargs) {
+        Py_XDECREF(t);
+        return NULL;
+    }
+    TargetObject *to = (TargetObject *)t;
+    to->fn = PyTuple_GET_ITEM(args, 0);
+    Py_INCREF(to->fn);
+    pthread_mutex_lock(&c->mh->lock);
+    c->refs++;
+    c->mh->nbound++;
+    to->c = c;
+    pthread_mutex_unlock(&c->mh->lock);
+    Py_DECREF(PyTuple_GET_ITEM(nargs, 0));
+    PyTuple_SET_ITEM(nargs, 0, t); /* steals t */
+    PyObject *r = PyObject_Call(orig, nargs, kw);
+    Py_DECREF(nargs);
+    return r;
+}
+
+static PyMethodDef start_thread_def = {"start_new_thread", (PyCFunction)(void (*)(void))start_thread,
+                                       METH_VARARGS | METH_KEYWORDS, NULL};
+
+/* The functions wrapped: in _thread, and the copies threading keeps. */
+static const char *const thread_fns[][2] = {
+    {"_thread", "start_new_thread"},
+    {"_thread", "start_joinable_thread"},
+    {"threading", "_start_new_thread"},
+    {"threading", "_start_joinable_thread"},
+};
+
+static void threads_wrap(PyObject *mod, int on)
+{
+    PyObject *modules = PyImport_GetModuleDict();
+    for (size_t k = 0; k < sizeof thread_fns / sizeof thread_fns[0]; k++) {
+        PyObject *m = PyDict_GetItemString(modules, thread_fns[k][0]);
+        PyObject *f = m ? PyObject_GetAttrString(m, thread_fns[k][1]) : NULL;
+        PyErr_Clear();
+        if (!f)
+            continue;
+        int ours = PyCFunction_Check(f) && PyCFunction_GET_FUNCTION(f) ==
+                                               (PyCFunction)(void (*)(void))start_thread;
+        if (on && !ours) {
+            PyObject *w = PyCFunction_New(&start_thread_def, f);
+            if (w)
+                PyObject_SetAttrString(m, thread_fns[k][1], w);
+            Py_XDECREF(w);
+        } else if (!on && ours) {
+            PyObject_SetAttrString(m, thread_fns[k][1], PyCFunction_GET_SELF(f));
+        }
+        Py_DECREF(f);
+        PyErr_Clear();
+    }
+    MH_UNUSED(mod);
+}
+
+/* ---- Completion ------------------------------------------------------- */
+
+/* rlcompleter over the session's namespace, on the word before the
+ * cursor as readline delimits it. Imported without readline, so that
+ * importing it never touches the host's terminal. */
+static const char complete_src[] =
+    "def _make():\n"
+    "    delims = ' \\t\\n`~!@#$%^&*()-=+[{]}\\\\|;:\\'\",<>/?'\n"
+    "    held = []\n"
+    "    def complete(ns, text):\n"
+    "        if not held:\n"
+    "            import sys\n"
+    "            had = 'readline' in sys.modules\n"
+    "            if not had:\n"
+    "                sys.modules['readline'] = None\n"
+    "            try:\n"
+    "                import rlcompleter\n"
+    "            finally:\n"
+    "                if not had and sys.modules.get('readline', 0) is None:\n"
+    "                    del sys.modules['readline']\n"
+    "            held.append(rlcompleter)\n"
+    "        i = len(text)\n"
+    "        while i > 0 and text[i - 1] not in delims:\n"
+    "            i -= 1\n"
+    "        word = text[i:]\n"
+    "        if not word:\n"
+    "            return 0, []\n"
+    "        c = held[0].Completer(ns)\n"
+    "        out = []\n"
+    "        for state in range(5000):\n"
+    "            m = c.complete(word, state)\n"
+    "            if m is None:\n"
+    "                break\n"
+    "            if m not in out:\n"
+    "                out.append(m)\n"
+    "        out.sort()\n"
+    "        return len(word), out\n"
+    "    return complete\n";
+
+static PyObject *make_from_source(const char *src, PyObject *arg)
+{
+    PyObject *g = PyDict_New();
+    if (!g)
+        return NULL;
+    PyObject *r = NULL, *made = NULL;
+    PyDict_SetItemString(g, "__builtins__", PyEval_GetBuiltins());
+    r = PyRun_String(src, Py_file_input, g, g);
+    PyObject *make = r ? PyDict_GetItemString(g, "_make") : NULL;
+    if (make)
+        made = arg ? PyObject_CallFunctionObjArgs(make, arg, NULL)
+                   : PyObject_CallFunctionObjArgs(make, NULL);
+    Py_XDECREF(r);
+    Py_DECREF(g);
+    return made;
+}
 
 /* ---- The support module ---------------------------------------------- */
 
@@ -2363,6 +3632,8 @@ static PyType_Spec cfunc_spec = {"_manhole.CFunction", sizeof(CFuncObject), 0,
                                  Py_TPFLAGS_DEFAULT, cfunc_slots};
 static PyType_Slot proxy_slots[] = {{Py_tp_dealloc, MH_FN(proxy_dealloc)},
                                     {Py_tp_methods, proxy_methods},
+                                    {Py_tp_iter, MH_FN(proxy_iter)},
+                                    {Py_tp_iternext, MH_FN(proxy_iternext)},
                                     {Py_tp_getset, proxy_getset},
                                     {Py_tp_getattro, MH_FN(proxy_getattro)},
                                     {0, NULL}};
@@ -2398,7 +3669,29 @@ static PyObject *make_proxy(PyObject *mod, const char *sysname, int kind)
     return p;
 }
 
+static PyObject *make_binary_proxy(ProxyObject *text)
+{
+    PyObject *p = new_of((PyObject *)Py_TYPE(text));
+    if (!p)
+        return NULL;
+    ProxyObject *b = (ProxyObject *)p;
+    b->orig = PyObject_GetAttrString(text->orig, "buffer");
+    if (!b->orig) { /* an original without one (io.StringIO, None) */
+        PyErr_Clear();
+        b->orig = Py_None;
+        Py_INCREF(Py_None);
+    }
+    b->kind = text->kind;
+    b->binary = 1;
+    return p;
+}
+
 static const char *const proxied[] = {"stdout", "stderr", "stdin"};
+/* sys.__stdout__ & co. get proxies of their own, routed the same way: the
+ * "restore stdout" idiom (sys.stdout = sys.__stdout__) then keeps every
+ * client's output its own, and a session can be told apart from one
+ * that never assigned sys.stdout. */
+static const char *const proxied_dunder[] = {"__stdout__", "__stderr__", "__stdin__"};
 
 /* Find or create the support module; the first user installs the stream
  * proxies and the display hook. GIL held. Returns a borrowed reference. */
@@ -2427,19 +3720,23 @@ static PyObject *support_acquire(int python_started_here, PyThreadState *ts)
                                              "_manhole.main_ts", NULL)) < 0)
             goto fail;
     }
+    if (!PyObject_HasAttrString(mod, "ThreadTarget") &&
+        mod_add_type(mod, "ThreadTarget", &target_spec, NULL) < 0)
+        goto fail;
     PyObject *u = PyObject_GetAttrString(mod, "users");
     if (!u)
         goto fail;
     long users = PyLong_AsLong(u);
     Py_DECREF(u);
     if (users == 0) {
-        for (int k = 0; k < 3; k++) {
-            PyObject *p = make_proxy(mod, proxied[k], k);
+        for (int k = 0; k < 6; k++) {
+            const char *name = k < 3 ? proxied[k] : proxied_dunder[k - 3];
+            PyObject *p = make_proxy(mod, name, k % 3);
             if (!p)
                 goto fail;
-            PyModule_AddObject(mod, proxied[k], p); /* steals */
+            PyModule_AddObject(mod, name, p); /* steals */
             Py_INCREF(p);
-            PySys_SetObject(proxied[k], p);
+            PySys_SetObject(name, p);
             Py_DECREF(p);
         }
         PyObject *orig = PySys_GetObject("displayhook");
@@ -2448,6 +3745,8 @@ static PyObject *support_acquire(int python_started_here, PyThreadState *ts)
             goto fail;
         PySys_SetObject("displayhook", hook);
         PyModule_AddObject(mod, "displayhook", hook);
+        if (sys_class(mod, 1) < 0)
+            goto fail;
     }
     PyObject *nu = PyLong_FromLong(users + 1);
     if (!nu || PyObject_SetAttrString(mod, "users", nu) < 0) {
@@ -2482,12 +3781,15 @@ static int support_release(PyThreadState **ts)
         Py_DECREF(nu);
     }
     if (users <= 0) {
-        for (int k = 0; k < 3; k++) {
-            PyObject *p = PyObject_GetAttrString(mod, proxied[k]);
-            if (p && PySys_GetObject(proxied[k]) == p)
-                PySys_SetObject(proxied[k], ((ProxyObject *)p)->orig);
+        for (int k = 0; k < 6; k++) {
+            const char *name = k < 3 ? proxied[k] : proxied_dunder[k - 3];
+            PyObject *p = PyObject_GetAttrString(mod, name);
+            if (p && PySys_GetObject(name) == p)
+                PySys_SetObject(name, ((ProxyObject *)p)->orig);
             Py_XDECREF(p);
         }
+        threads_wrap(mod, 0);
+        sys_class(mod, 0);
         PyObject *hook = PyObject_GetAttrString(mod, "displayhook");
         if (hook && PySys_GetObject("displayhook") == hook)
             PySys_SetObject("displayhook", PyCFunction_GET_SELF(hook));
@@ -2501,9 +3803,11 @@ static int support_release(PyThreadState **ts)
         Py_XDECREF(owned);
         Py_XDECREF(cap);
         PyErr_Clear();
-        for (int k = 0; k < 3; k++)
-            if (PyObject_HasAttrString(mod, proxied[k]))
-                PyObject_DelAttrString(mod, proxied[k]);
+        for (int k = 0; k < 6; k++) {
+            const char *name = k < 3 ? proxied[k] : proxied_dunder[k - 3];
+            if (PyObject_HasAttrString(mod, name))
+                PyObject_DelAttrString(mod, name);
+        }
         if (PyObject_HasAttrString(mod, "displayhook"))
             PyObject_DelAttrString(mod, "displayhook");
         PyErr_Clear();
@@ -2715,6 +4019,10 @@ static void session_close(client *c)
 {
     Py_CLEAR(c->ns);
     Py_CLEAR(c->compiler);
+    for (int k = 0; k < SYS_N; k++)
+        Py_CLEAR(c->over[k]);
+    for (int k = 0; k < 3; k++)
+        Py_CLEAR(c->last_exc[k]);
     buf_free(&c->src);
     pthread_mutex_lock(&c->mh->lock);
     c->has_session = 0;
@@ -2749,8 +4057,26 @@ static void write_prompt(worker *w, client *c, int more)
         memcpy(cache, s, cn);
         cache[cn] = 0;
     }
+    int ext = c->ext;
     pthread_mutex_unlock(&mh->lock);
-    client_output(w, c, s, (size_t)n);
+    if (ext) {
+        /* A rich client learns how the statement ended, and gets the
+         * prompt as a record it can redraw. */
+        if (c->raised >= 0) {
+            client_record(w, c, 'S', c->raised ? "1" : "0", 1);
+            c->raised = -1;
+        }
+        buf b = {0};
+        buf_add(&b, more ? "2" : "1", 1);
+        buf_add(&b, s, (size_t)n);
+        client_record(w, c, 'P', b.p, b.len);
+        buf_free(&b);
+    } else {
+        client_output(w, c, s, (size_t)n);
+    }
+    pthread_mutex_lock(&mh->lock);
+    c->out_nl = 1; /* what the client types next ends the prompt's line */
+    pthread_mutex_unlock(&mh->lock);
     Py_XDECREF(str);
 }
 
@@ -2785,6 +4111,15 @@ static void show_exception(int syntax)
 #if PY_VERSION_HEX >= 0x030C0000
     PySys_SetObject("last_exc", v);
 #endif
+    client *c = tl_worker ? tl_worker->c : NULL;
+    if (c) { /* the session's own, for pdb.pm() in its next statement */
+        PyObject *keep[3] = {t, v, tbo};
+        for (int k = 0; k < 3; k++) {
+            Py_INCREF(keep[k]);
+            Py_XSETREF(c->last_exc[k], keep[k]);
+        }
+        c->raised = 1;
+    }
     PyObject *hook = PySys_GetObject("excepthook");
     PyObject *r = hook ? PyObject_CallFunctionObjArgs(hook, t, v, tbo, NULL) : NULL;
     if (!r) {
@@ -2815,11 +4150,64 @@ static void show_exception(int syntax)
 static void timeout_report(worker *w, client *c)
 {
     char msg[160];
+    pthread_mutex_lock(&c->mh->lock);
+    int nl = !c->out_nl; /* after partial output: a line of its own */
+    pthread_mutex_unlock(&c->mh->lock);
     snprintf(msg, sizeof msg,
-             "TimeoutError: statement timed out after %g seconds; "
+             "%sTimeoutError: statement timed out after %g seconds; "
              "KeyboardInterrupt sent to it\n",
-             c->mh->cfg.timeout);
+             nl ? "\n" : "", c->mh->cfg.timeout);
     client_output(w, c, msg, strlen(msg));
+    c->raised = 1;
+}
+
+/* Did this SystemExit come from exit()/quit() (site's Quitter), rather
+ * than sys.exit()? Its innermost frame tells. The error stays set. */
+static int exit_is_quitter(void)
+{
+    PyObject *t, *v, *tb;
+    PyErr_Fetch(&t, &v, &tb);
+    int quitter = 0;
+    PyObject *cur = tb;
+    Py_XINCREF(cur);
+    while (cur && cur != Py_None) {
+        PyObject *next = PyObject_GetAttrString(cur, "tb_next");
+        if (!next || next == Py_None) {
+            Py_XDECREF(next);
+            break;
+        }
+        Py_DECREF(cur);
+        cur = next;
+    }
+    if (cur && cur != Py_None) {
+        /* (the module may be frozen: its name, not its file, tells) */
+        PyObject *f = PyObject_GetAttrString(cur, "tb_frame");
+        PyObject *g = f ? PyObject_GetAttrString(f, "f_globals") : NULL;
+        PyObject *name = g && PyDict_Check(g) ? PyDict_GetItemString(g, "__name__") : NULL;
+        const char *s = name && PyUnicode_Check(name) ? PyUnicode_AsUTF8(name) : NULL;
+        quitter = s && strcmp(s, "_sitebuiltins") == 0;
+        Py_XDECREF(f);
+        Py_XDECREF(g);
+    }
+    Py_XDECREF(cur);
+    PyErr_Clear();
+    PyErr_Restore(t, v, tb);
+    return quitter;
+}
+
+/* exit() or quit(): this client's session ends, as at end of input; the
+ * host hears nothing of it. GIL held. */
+static void handle_leave(worker *w, client *c)
+{
+    manhole *mh = c->mh;
+    PyErr_Clear();
+    MH_UNUSED(w);
+    pthread_mutex_lock(&mh->lock);
+    c->exiting = 1;
+    c->leaving = 1;
+    buf_clear(&c->inq);
+    mark_dirty_locked(c);
+    pthread_mutex_unlock(&mh->lock);
 }
 
 /* sys.exit() in a client: note the status, end the session. GIL held. */
@@ -2857,6 +4245,11 @@ static void handle_exit(worker *w, client *c)
     Py_XDECREF(t);
     Py_XDECREF(v);
     Py_XDECREF(tb);
+    if (c->ext) { /* a rich client learns the status before the close */
+        char st[24];
+        int n = snprintf(st, sizeof st, "%d", status);
+        client_record(w, c, 'X', st, (size_t)n);
+    }
     pthread_mutex_lock(&mh->lock);
     c->exiting = 1;
     c->exit_status = status;
@@ -2884,7 +4277,17 @@ static int stmt_begin(worker *w, client *c)
     w->timed_out = 0;
     w->want_int = 0;
     w->int_sent = 0;
+    w->user_int = 0;
+    w->int_deadline = 0;
     w->deadline = mh->cfg.timeout > 0 ? now_mono() + mh->cfg.timeout : 0;
+    if (c->intr_pending) { /* the client interrupted just before it began */
+        c->intr_pending = 0;
+        w->user_int = 1;
+        w->int_deadline = now_mono() + INTERRUPT_GRACE;
+        w->want_int = 1;
+        watchdog_ensure_locked(mh);
+        pthread_cond_signal(&mh->wd_cv);
+    }
     /* Wake the watchdog only if it would otherwise look too late: a new
      * deadline is usually later than the one it already sleeps to. */
     if (w->deadline > 0 && (mh->wd_wake_at == 0 || w->deadline < mh->wd_wake_at)) {
@@ -2915,15 +4318,99 @@ static int stmt_end(worker *w)
 
 enum { RUN_OK, RUN_ABANDONED, RUN_EXIT };
 
+/* Is a statement other than this thread's running? */
+static int others_running(manhole *mh)
+{
+    int n = 0;
+    pthread_mutex_lock(&mh->lock);
+    for (worker *w = mh->workers; w; w = w->next)
+        if (w->running && w != tl_worker)
+            n++;
+    pthread_mutex_unlock(&mh->lock);
+    return n > 0;
+}
+
+/* After a statement: what it did to the process-wide hooks is made the
+ * session's own. sys.stdout, sys.stderr and sys.displayhook go back to the
+ * manhole's (so other clients' output stays theirs); an object the session
+ * assigned keeps receiving the session's output; assigning back the
+ * original (sys.__stdout__, sys.__displayhook__) ends that. A debugger's
+ * trace function ends with the statement: the worker thread serves other
+ * clients next. GIL held. */
+static int sys_is_ours(PyObject *mod, int k, PyObject *v);
+static void sys_assign_for(client *c, int k, PyObject *v);
+
+static void session_hooks_after(client *c)
+{
+    PyObject *mod = PyDict_GetItemString(PyImport_GetModuleDict(), "_manhole");
+    for (int k = 0; mod && k < SYS_N; k++) {
+        /* Assignments go through the sys module's class (sys_attr_set);
+         * this catches what went around it (sys.__dict__, C code). */
+        PyObject *ours = PyObject_GetAttrString(mod, sys_names[k]);
+        PyObject *now = PySys_GetObject(sys_names[k]); /* borrowed */
+        if (!ours) {
+            PyErr_Clear();
+            continue;
+        }
+        if (now != ours) {
+            if (!now || sys_is_ours(mod, k, now) || !others_running(c->mh))
+                sys_assign_for(c, k, now);
+            /* else: another client's statement ran meanwhile, and whose
+             * assignment this was cannot be told: nobody's. */
+            PySys_SetObject(sys_names[k], ours);
+        }
+        Py_DECREF(ours);
+    }
+    PyEval_SetTrace(NULL, NULL);
+    PyEval_SetProfile(NULL, NULL);
+    PyErr_Clear();
+}
+
+/* Before a statement: sys.last_* are the session's own (pdb.pm()). */
+static void session_hooks_before(client *c)
+{
+    if (!c->last_exc[1])
+        return;
+    PySys_SetObject("last_type", c->last_exc[0]);
+    PySys_SetObject("last_value", c->last_exc[1]);
+    PySys_SetObject("last_traceback", c->last_exc[2]);
+#if PY_VERSION_HEX >= 0x030C0000
+    PySys_SetObject("last_exc", c->last_exc[1]);
+#endif
+}
+
+static void block_signals(void);
+
 static int run_code(worker *w, client *c, PyObject *code)
 {
     PyObject *ns = c->ns;
     if (stmt_begin(w, c) < 0)
         return RUN_OK;
+    session_hooks_before(c);
     Py_INCREF(ns);
+    /* Workers keep every signal blocked (the host's signals are the
+     * host's), but a statement runs with the host's mask: the processes
+     * and threads it starts inherit a normal one. */
+    if (!w->is_host)
+        pthread_sigmask(SIG_SETMASK, &c->mh->host_sigmask, NULL);
     PyObject *r = PyEval_EvalCode(code, ns, ns);
+    if (!w->is_host)
+        block_signals();
+    if (mh_forked(c->mh)) {
+        /* A child the statement forked, back from it: it has no manhole
+         * to return to (the parent's session goes on in the parent). */
+        if (!r)
+            PyErr_Clear();
+        _exit(r ? 0 : 1);
+    }
     int timed_out = stmt_end(w);
     Py_DECREF(ns);
+    {
+        PyObject *t, *v, *tb;
+        PyErr_Fetch(&t, &v, &tb);
+        session_hooks_after(c);
+        PyErr_Restore(t, v, tb);
+    }
     if (timed_out && !w->is_host) {
         /* The watchdog already answered the client; whatever this
          * statement did after that is nobody's business. */
@@ -2933,6 +4420,7 @@ static int run_code(worker *w, client *c, PyObject *code)
     }
     if (r) {
         Py_DECREF(r);
+        c->raised = 0;
         return RUN_OK;
     }
     pthread_mutex_lock(&c->mh->lock);
@@ -2945,7 +4433,10 @@ static int run_code(worker *w, client *c, PyObject *code)
         return RUN_OK;
     }
     if (PyErr_ExceptionMatches(PyExc_SystemExit)) {
-        handle_exit(w, c);
+        if (exit_is_quitter())
+            handle_leave(w, c);
+        else
+            handle_exit(w, c);
         return RUN_EXIT;
     }
     show_exception(0);
@@ -2972,6 +4463,7 @@ static int session_line(worker *w, client *c, const char *line, size_t len,
         buf_free(&c->src);
         c->src_compile = 0;
         client_output_str(w, c, msg);
+        c->raised = 1;
         if (prompt)
             write_prompt(w, c, 0);
         return RUN_OK;
@@ -3002,6 +4494,7 @@ static int session_line(worker *w, client *c, const char *line, size_t len,
             buf_free(&c->src);
             c->src_compile = 0;
             client_output_str(w, c, msg);
+            c->raised = 1;
             if (prompt)
                 write_prompt(w, c, 0);
             return RUN_OK;
@@ -3024,6 +4517,46 @@ static int session_line(worker *w, client *c, const char *line, size_t len,
     return rc;
 }
 
+/* A script from the extended channel ("filename\nsource"): compiled and
+ * run as `python -c` runs its argument, in the session's namespace. */
+static int session_script(worker *w, client *c, const char *data, size_t len)
+{
+    buf_clear(&c->src); /* a half-entered block is dropped */
+    c->src_compile = 0;
+    if (!c->ns && session_open(c) < 0) {
+        show_exception(0);
+        client_output_str(w, c, "manhole: cannot start a Python session\n");
+        write_prompt(w, c, 0);
+        return RUN_OK;
+    }
+    const char *nl = memchr(data, '\n', len);
+    size_t fl = nl ? (size_t)(nl - data) : 0;
+    size_t sl = nl ? len - fl - 1 : len;
+    char *src = malloc(sl + 1);
+    PyObject *fname = PyUnicode_DecodeUTF8(data, (Py_ssize_t)fl, "replace");
+    int rc = RUN_OK;
+    if (!src || !fname) {
+        PyErr_Clear();
+        client_output_str(w, c, "manhole: out of memory\n");
+        c->raised = 1;
+    } else {
+        memcpy(src, nl ? nl + 1 : data, sl);
+        src[sl] = 0;
+        PyCompilerFlags cf = {0, PY_MINOR_VERSION};
+        PyObject *code = Py_CompileStringObject(src, fname, Py_file_input, &cf, -1);
+        if (!code)
+            show_exception(1);
+        else
+            rc = run_code(w, c, code);
+        Py_XDECREF(code);
+    }
+    free(src);
+    Py_XDECREF(fname);
+    if (rc == RUN_OK)
+        write_prompt(w, c, 0);
+    return rc;
+}
+
 /* Handle one input record. Returns RUN_*. GIL held. */
 static int session_record(worker *w, client *c, int kind, const char *data,
                           size_t len)
@@ -3033,9 +4566,23 @@ static int session_record(worker *w, client *c, int kind, const char *data,
         c->src_compile = 0;
         client_output(w, c, data, len);
         client_output(w, c, "\n", 1);
+        c->raised = 1;
         write_prompt(w, c, 0);
         return RUN_OK;
     }
+    if (kind == REC_HELLO) {
+        /* The extended channel from here on; the prompt again, as a
+         * record the client can redraw. */
+        pthread_mutex_lock(&c->mh->lock);
+        c->ext = 1;
+        pthread_mutex_unlock(&c->mh->lock);
+        client_record(w, c, 'H', "1", 1);
+        c->raised = -1;
+        write_prompt(w, c, buf_used(&c->src) > 0);
+        return RUN_OK;
+    }
+    if (kind == REC_SCRIPT)
+        return session_script(w, c, data, len);
     if (kind == REC_EOF) {
         int rc = RUN_OK;
         if (buf_used(&c->src) > 0) /* as if an empty line had followed */
@@ -3186,6 +4733,18 @@ static client *process_job(worker *w, client *c)
             break;
         }
     }
+    if (c->intr_pending && !requeue && !c->dead && !c->exiting && !mh->stopping &&
+        !c->out_blocked && buf_used(&c->inq) < 5) {
+        /* Interrupted at the prompt: the half-entered block is dropped,
+         * as python3 -i does on Ctrl-C. */
+        c->intr_pending = 0;
+        pthread_mutex_unlock(&mh->lock);
+        buf_clear(&c->src);
+        c->src_compile = 0;
+        client_output_str(w, c, "\nKeyboardInterrupt\n");
+        write_prompt(w, c, 0);
+        pthread_mutex_lock(&mh->lock);
+    }
     c->runner = NULL;
     w->c = NULL;
     int teardown = c->dead && c->has_session;
@@ -3278,6 +4837,95 @@ static int direct_send(worker *w, client *c)
     return all;
 }
 
+static void cjob_free_locked(cjob *j);
+
+/* Answer a completion request: rlcompleter over the client's namespace
+ * (or the manhole's, before its first statement), under the statement
+ * timeout, its output dropped. GIL held. */
+static void run_completion(worker *w, cjob *j)
+{
+    client *c = j->c;
+    manhole *mh = c->mh;
+    pthread_mutex_lock(&mh->lock);
+    int skip = c->dead || mh->stopping;
+    if (!skip) {
+        w->completing = 1;
+        w->job = j;
+        w->c = c;
+        w->running = 1;
+        w->timed_out = 0;
+        w->want_int = 0;
+        w->int_sent = 0;
+        w->user_int = 0;
+        w->int_deadline = 0;
+        w->deadline = mh->cfg.timeout > 0 ? now_mono() + mh->cfg.timeout : 0;
+        if (w->deadline > 0)
+            watchdog_kick_locked(mh, w->deadline);
+    }
+    pthread_mutex_unlock(&mh->lock);
+    PyObject *r = NULL;
+    if (!skip) {
+        PyObject *ns = c->ns ? c->ns : mh->ns;
+        Py_INCREF(ns);
+        r = PyObject_CallFunction(mh->complete_fn, "Os", ns, j->text);
+        Py_DECREF(ns);
+        int timed_out = stmt_end(w);
+        pthread_mutex_lock(&mh->lock);
+        w->completing = 0;
+        w->job = NULL;
+        w->c = NULL;
+        pthread_mutex_unlock(&mh->lock);
+        if (timed_out) {
+            Py_CLEAR(r);
+            /* A worker was abandoned, and the watchdog answered for it;
+             * the host thread (non-threaded mode) answers itself. */
+            skip = !w->is_host;
+        }
+    }
+    if (!skip) {
+        buf b = {0};
+        char head[48];
+        long n = 0;
+        PyObject *cands = NULL;
+        if (r && PyTuple_Check(r) && PyTuple_GET_SIZE(r) == 2) {
+            n = PyLong_AsLong(PyTuple_GET_ITEM(r, 0));
+            cands = PyTuple_GET_ITEM(r, 1);
+        }
+        int k = snprintf(head, sizeof head, "%lu %ld", j->id, cands && n > 0 ? n : 0);
+        buf_add(&b, head, (size_t)k);
+        Py_ssize_t m = cands && PyList_Check(cands) ? PyList_GET_SIZE(cands) : 0;
+        for (Py_ssize_t i = 0; i < m && b.len < mh->cfg.max_line; i++) {
+            Py_ssize_t len;
+            const char *t = PyUnicode_Check(PyList_GET_ITEM(cands, i))
+                                ? PyUnicode_AsUTF8AndSize(PyList_GET_ITEM(cands, i), &len)
+                                : NULL;
+            if (!t || memchr(t, '\n', (size_t)len))
+                continue;
+            buf_add(&b, "\n", 1);
+            buf_add(&b, t, (size_t)len);
+        }
+        PyErr_Clear();
+        client_record(NULL, c, 'C', b.p, b.len);
+        buf_free(&b);
+    }
+    Py_XDECREF(r);
+    PyErr_Clear();
+    pthread_mutex_lock(&mh->lock);
+    cjob_free_locked(j);
+    pthread_mutex_unlock(&mh->lock);
+}
+
+static cjob *cq_pop_locked(manhole *mh)
+{
+    cjob *j = mh->cq_head;
+    if (j) {
+        mh->cq_head = j->next;
+        if (!mh->cq_head)
+            mh->cq_tail = NULL;
+    }
+    return j;
+}
+
 static void block_signals(void)
 {
     sigset_t all;
@@ -3309,6 +4957,30 @@ static void set_worker_priority(int how)
 #else
     MH_UNUSED(how);
 #endif
+}
+
+/* Name a thread for top -H, ps -L and gdb (Linux: 15 characters). */
+static void name_thread(const char *name)
+{
+#if defined(__linux__) && defined(__GLIBC__)
+    pthread_setname_np(pthread_self(), name);
+#else
+    MH_UNUSED(name);
+#endif
+}
+
+/* ... and for Python: threading.current_thread().name. GIL held. */
+static void name_python_thread(const char *name)
+{
+    PyObject *threading = PyImport_ImportModule("threading");
+    PyObject *t = threading ? PyObject_CallMethod(threading, "current_thread", NULL) : NULL;
+    PyObject *n = PyUnicode_FromString(name);
+    if (t && n)
+        PyObject_SetAttrString(t, "name", n);
+    Py_XDECREF(n);
+    Py_XDECREF(t);
+    Py_XDECREF(threading);
+    PyErr_Clear();
 }
 
 /* How long a worker that just sent a client its answer itself spins for
@@ -3344,8 +5016,13 @@ static void *worker_main(void *arg)
     manhole *mh = w->mh;
     block_signals();
     set_worker_priority(mh->cfg.worker_priority);
+    char name[32];
+    snprintf(name, sizeof name, "manhole-w%d", w->index);
+    name_thread(name);
     PyGILState_STATE g = PyGILState_Ensure();
     w->py_tid = PyThread_get_thread_ident();
+    snprintf(name, sizeof name, "manhole worker %d", w->index);
+    name_python_thread(name);
     PyThreadState *ts = PyEval_SaveThread();
     tl_worker = w;
     int warm = 0; /* its last job's client may come back at once */
@@ -3353,6 +5030,21 @@ static void *worker_main(void *arg)
     for (;;) {
         if (mh->stopping)
             break;
+        cjob *j = cq_pop_locked(mh);
+        if (j) { /* completions first: a person waits for them */
+            pthread_mutex_unlock(&mh->lock);
+            PyEval_RestoreThread(ts);
+            run_completion(w, j);
+            ts = PyEval_SaveThread();
+            pthread_mutex_lock(&mh->lock);
+            if (w->timed_out) {
+                w->timed_out = 0;
+                if (mh->nworkers >= mh->cfg.max_workers)
+                    goto gone;
+                mh->nworkers++;
+            }
+            continue;
+        }
         client *c = dequeue_locked(mh);
         if (!c && warm && mh->nspin == 0 && WARM_SPIN > 0) {
             warm = 0;
@@ -3469,7 +5161,7 @@ static void workers_reap(manhole *mh)
 /* The watchdog abandons a timed-out statement (threaded mode): the client
  * gets the report and a prompt now, and its next line runs on another
  * worker. Lock held. */
-static void abandon_locked(worker *w)
+static void abandon_locked(worker *w, int interrupted)
 {
     manhole *mh = w->mh;
     client *c = w->c;
@@ -3478,16 +5170,52 @@ static void abandon_locked(worker *w)
     mh->nworkers--; /* a slot in the pool is free again */
     if (mh->njobs > mh->nidle && mh->starve_since == 0)
         mh->starve_since = now_mono();
-    LOG_LOCKED(mh, MANHOLE_LOG_INFO,
-               "client #%u: statement timed out after %g s", c->id,
-               mh->cfg.timeout);
+    if (w->completing) {
+        /* A completion that outran the timeout: an empty answer now; the
+         * worker finds its way back (or not) on its own. */
+        LOG_LOCKED(mh, MANHOLE_LOG_INFO, "client #%u: completion timed out", c->id);
+        if (!c->dead && w->job) {
+            char id[32];
+            int n = snprintf(id, sizeof id, "%lu 0", w->job->id);
+            record_build(&c->out, 'C', id, (size_t)n);
+            mark_dirty_locked(c);
+        }
+        pthread_cond_broadcast(&mh->hc_cv);
+        return;
+    }
+    if (interrupted)
+        LOG_LOCKED(mh, MANHOLE_LOG_INFO,
+                   "client #%u: interrupted statement did not stop; abandoned", c->id);
+    else
+        LOG_LOCKED(mh, MANHOLE_LOG_INFO,
+                   "client #%u: statement timed out after %g s", c->id,
+                   mh->cfg.timeout);
     if (!c->dead) {
-        char msg[160];
-        int n = snprintf(msg, sizeof msg,
-                         "TimeoutError: statement timed out after %g seconds; "
-                         "KeyboardInterrupt sent to it\n%s",
-                         mh->cfg.timeout, mh->ps1);
+        char msg[200];
+        int n;
+        if (interrupted)
+            n = snprintf(msg, sizeof msg,
+                         "%smanhole: the statement did not stop within %g s; "
+                         "it was abandoned and may still be running\n"
+                         "KeyboardInterrupt\n",
+                         c->out_nl ? "" : "\n", INTERRUPT_GRACE);
+        else
+            n = snprintf(msg, sizeof msg,
+                         "%sTimeoutError: statement timed out after %g seconds; "
+                         "KeyboardInterrupt sent to it\n",
+                         c->out_nl ? "" : "\n", mh->cfg.timeout);
         buf_add(&c->out, msg, (size_t)MH_MIN(n, (int)sizeof msg - 1));
+        if (c->ext) {
+            record_build(&c->out, 'S', "1", 1);
+            buf b = {0};
+            buf_add(&b, "1", 1);
+            buf_add(&b, mh->ps1, strlen(mh->ps1));
+            record_build(&c->out, 'P', b.p, b.len);
+            buf_free(&b);
+        } else {
+            buf_add(&c->out, mh->ps1, strlen(mh->ps1));
+        }
+        c->out_nl = 1;
         mark_dirty_locked(c);
     }
     c->runner = NULL;
@@ -3512,6 +5240,7 @@ static void *watchdog_main(void *arg)
 {
     manhole *mh = arg;
     block_signals();
+    name_thread("manhole-watch");
     pthread_mutex_lock(&mh->lock);
     for (;;) {
         double now = now_mono(), next = 0;
@@ -3530,14 +5259,29 @@ static void *watchdog_main(void *arg)
                     if (w->is_host)
                         w->timed_out = 1;
                     else
-                        abandon_locked(w);
+                        abandon_locked(w, 0);
                     w->want_int = 1;
                 } else if (next == 0 || w->deadline < next) {
                     next = w->deadline;
                 }
             }
-            if (w->want_int && !w->int_sent)
-                pending = 1;
+            if (w->user_int && w->int_deadline > 0 && !w->timed_out && !w->is_host &&
+                !w->waiting) {
+                /* An interrupt the statement did not obey in time (a
+                 * call Python cannot interrupt): as a timeout. */
+                if (now >= w->int_deadline) {
+                    w->int_deadline = 0;
+                    abandon_locked(w, 1);
+                } else if (next == 0 || w->int_deadline < next) {
+                    next = w->int_deadline;
+                }
+            }
+            if (w->want_int && !w->int_sent) {
+                if (w->waiting && w->c) /* it raises the interrupt itself */
+                    pthread_cond_broadcast(&w->c->cv);
+                else
+                    pending = 1;
+            }
         }
         if (mh->starve_since > 0) {
             if (mh->njobs <= mh->nidle || mh->stopping) {
@@ -3564,7 +5308,7 @@ static void *watchdog_main(void *arg)
             PyGILState_STATE g = PyGILState_Ensure();
             pthread_mutex_lock(&mh->lock);
             for (worker *w = next_worker(mh, NULL); w; w = next_worker(mh, w)) {
-                if (w->running && w->want_int && !w->int_sent) {
+                if (w->running && w->want_int && !w->int_sent && !w->waiting) {
                     PyThreadState_SetAsyncExc(w->py_tid, PyExc_KeyboardInterrupt);
                     w->int_sent = 1;
                 }
@@ -3610,6 +5354,17 @@ static void watchdog_ensure_locked(manhole *mh)
                    strerror(r));
 }
 
+/* A deadline was set or moved: make sure the watchdog looks in time.
+ * Lock held. */
+static void watchdog_kick_locked(manhole *mh, double deadline)
+{
+    if (mh->wd_wake_at == 0 || deadline < mh->wd_wake_at) {
+        watchdog_ensure_locked(mh);
+        mh->wd_wake_at = deadline;
+        pthread_cond_signal(&mh->wd_cv);
+    }
+}
+
 /* Ask the watchdog to interrupt the statement a worker runs. Lock held. */
 static void request_interrupt_locked(worker *w)
 {
@@ -3649,6 +5404,12 @@ static void client_close(client *c, const char *why)
         return;
     poller_del(mh, c->fd);
     int fd = c->fd;
+    pthread_mutex_lock(&mh->lock); /* (the list too: a fork child walks it) */
+    c->fd = -1;
+    if (c->sending) /* a worker is sending on it: it closes it when done */
+        c->close_after = 1;
+    else
+        close(fd);
     if (c->prev)
         c->prev->next = c->next;
     else
@@ -3659,20 +5420,15 @@ static void client_close(client *c, const char *why)
     mh->nclients--;
     buf_free(&c->line);
     buf_free(&c->tx);
-    pthread_mutex_lock(&mh->lock);
+    buf_free(&c->sb);
     LOG_LOCKED(mh, MANHOLE_LOG_INFO, "client #%u closed (%s)", c->id, why);
-    c->fd = -1;
-    if (c->sending) /* a worker is sending on it: it closes it when done */
-        c->close_after = 1;
-    else
-        close(fd);
     c->dead = 1;
     buf_free(&c->inq);
     buf_free(&c->out);
     pthread_cond_broadcast(&c->cv);
     if (c->runner)
         request_interrupt_locked(c->runner);
-    if (c->exiting) {
+    if (c->exiting && !c->leaving) {
         if (mh->exits_ready < (int)(sizeof mh->exit_q / sizeof mh->exit_q[0]))
             mh->exit_q[mh->exits_ready++] = c->exit_status;
         else /* a flood of exits: keep the latest */
@@ -3752,14 +5508,14 @@ static void client_maybe_finish(client *c)
     int finish = idle && (c->exiting || (c->eof_done && buf_used(&c->inq) == 0));
     if (c->sending)
         c->recheck = 1; /* look again once the worker is done */
-    int exiting = c->exiting;
+    int exiting = c->exiting && !c->leaving, leaving = c->leaving;
     if (idle && !finish) { /* let go of big buffers while idle */
         buf_shrink_if_empty(&c->out);
         buf_shrink_if_empty(&c->tx);
     }
     pthread_mutex_unlock(&mh->lock);
     if (finish)
-        client_close(c, exiting ? "sys.exit()" : "end of input");
+        client_close(c, exiting ? "sys.exit()" : leaving ? "exit()" : "end of input");
 }
 
 static void client_send_host(client *c)
@@ -3773,12 +5529,137 @@ static void client_send_host(client *c)
     client_maybe_finish(c);
 }
 
+/* The client asked for an interrupt (telnet IP or BRK, or the extended
+ * channel's I). Its running statement gets KeyboardInterrupt; if none
+ * runs, the next one to start among those it already sent does; if none
+ * starts, the prompt is interrupted (the block being entered is dropped).
+ * queued: lines of this same read come before it. Host thread. */
+static void client_interrupt(client *c, int queued)
+{
+    manhole *mh = c->mh;
+    pthread_mutex_lock(&mh->lock);
+    worker *w = c->runner;
+    if (c->dead || c->exiting) {
+        pthread_mutex_unlock(&mh->lock);
+        return;
+    }
+    LOG_LOCKED(mh, MANHOLE_LOG_DEBUG, "client #%u: interrupt", c->id);
+    if (w && w->running && !w->timed_out && !w->completing) {
+        if (!w->want_int || w->int_sent) {
+            w->want_int = 1;
+            w->int_sent = 0;
+            w->user_int = 1;
+            w->int_deadline = w->waiting ? 0 : now_mono() + INTERRUPT_GRACE;
+            watchdog_ensure_locked(mh);
+            pthread_cond_signal(&mh->wd_cv);
+            if (w->waiting)
+                pthread_cond_broadcast(&c->cv);
+        }
+    } else {
+        c->intr_pending = 1;
+        if (!c->busy && !queued && buf_used(&c->inq) < 5)
+            enqueue_locked(c); /* a worker answers at the prompt */
+    }
+    pthread_mutex_unlock(&mh->lock);
+}
+
+#define MAX_COMPLETIONS 8 /* a client's requests not yet answered */
+
+static void cjob_free_locked(cjob *j)
+{
+    j->c->ncomp--;
+    client_unref_locked(j->c);
+    free(j->text);
+    free(j);
+}
+
+/* A completion request "<id> <text>": queued for any worker, so it is
+ * answered while the client's own statement runs. Host thread. Returns
+ * -1 only when out of memory. */
+static int completion_request(client *c, const char *p, size_t n)
+{
+    manhole *mh = c->mh;
+    unsigned long id = 0;
+    size_t i = 0;
+    while (i < n && i < 18 && p[i] >= '0' && p[i] <= '9')
+        id = id * 10 + (unsigned long)(p[i++] - '0');
+    if (i == 0 || i >= n || p[i] != ' ')
+        return 0; /* malformed: ignored */
+    i++;
+    size_t bad;
+    int ok = !memchr(p + i, 0, n - i) && utf8_valid((const unsigned char *)p + i, n - i, &bad);
+    cjob *j = calloc(1, sizeof *j);
+    char *text = malloc(n - i + 1);
+    if (!j || !text) {
+        free(j);
+        free(text);
+        return -1;
+    }
+    memcpy(text, p + i, n - i);
+    text[n - i] = 0;
+    j->id = id;
+    j->text = text;
+    j->c = c;
+    pthread_mutex_lock(&mh->lock);
+    if (buf_used(&c->out) + c->tx_backlog >= mh->cfg.max_output || c->dead || mh->stopping) {
+        /* A client that does not read its answers gets no more of them
+         * (its memory stays bounded); it can still interrupt. */
+        pthread_mutex_unlock(&mh->lock);
+        free(text);
+        free(j);
+        return 0;
+    }
+    if (!ok || c->ncomp >= MAX_COMPLETIONS) {
+        /* Not answerable: an empty answer at once. */
+        char r[32];
+        int k = snprintf(r, sizeof r, "%lu 0", id);
+        record_build(&c->out, 'C', r, (size_t)k);
+        mark_dirty_locked(c);
+        pthread_mutex_unlock(&mh->lock);
+        free(text);
+        free(j);
+        return 0;
+    }
+    c->refs++;
+    c->ncomp++;
+    if (mh->cq_tail)
+        mh->cq_tail->next = j;
+    else
+        mh->cq_head = j;
+    mh->cq_tail = j;
+    if (mh->cfg.threaded) {
+        if (mh->nspin) /* (a spinning worker takes it) */
+            __atomic_store_n(&mh->jobs_seq, mh->jobs_seq + 1, __ATOMIC_RELEASE);
+        pthread_cond_signal(&mh->work_cv);
+        if (mh->nidle == 0) /* every worker busy (maybe with this client) */
+            worker_spawn_locked(mh);
+    } else {
+        wake_host_locked(mh);
+    }
+    pthread_mutex_unlock(&mh->lock);
+    return 0;
+}
+
+/* Banner and first prompt: they need no Python, so the host sends them
+ * at once. */
+static void client_greet(client *c)
+{
+    manhole *mh = c->mh;
+    buf_add(&c->tx, mh->banner ? mh->banner : "", mh->banner_len);
+    pthread_mutex_lock(&mh->lock);
+    buf_add(&c->tx, mh->ps1, strlen(mh->ps1));
+    c->out_nl = 1;
+    c->tx_backlog = buf_used(&c->tx); /* (no worker sends before it) */
+    pthread_mutex_unlock(&mh->lock);
+    client_send_host(c);
+}
+
 static void client_read(client *c)
 {
     manhole *mh = c->mh;
     unsigned char tmp[16384];
     buf recs = {0};
-    int eof = 0, err = 0, drop = 0;
+    int eof = 0, err = 0, drop = 0, was_auth = c->auth;
     for (int k = 0; k < 16; k++) {
         ssize_t r = recv(c->fd, tmp, sizeof tmp, 0);
         if (r > 0) {
@@ -3811,24 +5692,40 @@ static void client_read(client *c)
             err = errno;
         break;
     }
-    if (drop == -1) {
+    if (eof && !drop) {
+        if (c->line.len || c->discard)
+            drop = end_line(c, &recs);
+        if (!drop && c->auth)
+            drop = FR_AUTH; /* gone without the secret */
+        if (!drop) {
+            rec_add(&recs, REC_EOF, "", 0);
+            c->rd_eof = 1;
+        }
+    }
+    if (drop == FR_HTTP) {
         LOG(mh, MANHOLE_LOG_WARNING,
-            "client #%u (%s) dropped: its first line looks like HTTP", c->id,
+            "client #%u (%s) dropped: its first bytes look like HTTP", c->id,
             c->peer);
         buf_free(&recs);
         client_close(c, "HTTP request");
         return;
     }
-    if (eof && !drop) {
-        if (c->line.len || c->discard)
-            drop = end_line(c, &recs);
-        if (drop == -1) {
+    if (drop == FR_AUTH) {
+        LOG(mh, MANHOLE_LOG_WARNING,
+            "client #%u (%s) refused: wrong or missing secret", c->id, c->peer);
+        buf_free(&recs);
+        (void)xsend(c->fd, "manhole: authentication failed\n", 31);
+        client_close(c, "authentication failed");
+        return;
+    }
+    if (was_auth && !c->auth) {
+        /* The secret was right: now the banner and the prompt. */
+        LOG(mh, MANHOLE_LOG_INFO, "client #%u authenticated", c->id);
+        client_greet(c);
+        if (c->fd < 0) {
             buf_free(&recs);
-            client_close(c, "HTTP request");
             return;
         }
-        rec_add(&recs, REC_EOF, "", 0);
-        c->rd_eof = 1;
     }
     if (buf_used(&recs) > 0) {
         pthread_mutex_lock(&mh->lock);
@@ -3872,6 +5769,41 @@ static void describe_peer(client *c, int fd, long pid, long uid)
     }
 }
 
+#define LISTEN_PAUSE 0.25 /* seconds the listeners rest when out of descriptors */
+
+/* Stop (or start again) watching the listeners: with no descriptor left
+ * to accept with, a level-triggered listener would fire at once, for
+ * ever. */
+static void listen_pause(manhole *mh, int pause)
+{
+    if (mh->listen_paused == pause)
+        return;
+    mh->listen_paused = pause;
+    if (pause)
+        mh->listen_resume_at = now_mono() + LISTEN_PAUSE;
+    if (mh->lfd_unix >= 0)
+        poller_mod(mh, mh->lfd_unix, TAG_LISTEN_UNIX, pause ? 0 : EV_IN);
+    if (mh->lfd_tcp >= 0)
+        poller_mod(mh, mh->lfd_tcp, TAG_LISTEN_TCP, pause ? 0 : EV_IN);
+}
+
+/* Out of descriptors: the spare one is let go for a moment to accept a
+ * waiting client and tell it so in one line. Returns 0 if a client was
+ * refused that way (try the next), -1 if the listeners must rest. */
+static int refuse_no_fds(manhole *mh, int lfd, int e)
+{
+    LOG(mh, MANHOLE_LOG_WARNING, "cannot accept clients: %s", strerror(e));
+    if (mh->reserve_fd < 0)
+        return -1;
+    close(mh->reserve_fd);
+    mh->reserve_fd = -1;
+    int fd = accept_fd(lfd);
+    if (fd >= 0)
+        send_and_close(fd, "manhole: the host has too many open files; try again later\n");
+    mh->reserve_fd = open("/dev/null", O_RDONLY | O_CLOEXEC);
+    return fd >= 0 && mh->reserve_fd >= 0 ? 0 : -1;
+}
+
 static void on_accept(manhole *mh, int lfd, int transport)
 {
     for (int k = 0; k < 64; k++) {
@@ -3881,8 +5813,15 @@ static void on_accept(manhole *mh, int lfd, int transport)
                 return;
             if (errno == ECONNABORTED || errno == EPROTO)
                 continue;
+            if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM) {
+                if (refuse_no_fds(mh, lfd, errno) == 0)
+                    continue;
+                listen_pause(mh, 1);
+                return;
+            }
             LOG(mh, MANHOLE_LOG_ERROR, "accept on %s: %s",
                 transport == T_UNIX ? mh->unix_path : "tcp", strerror(errno));
+            listen_pause(mh, 1);
             return;
         }
         long pid = -1, uid = -1;
@@ -3935,6 +5874,7 @@ static void on_accept(manhole *mh, int lfd, int transport)
         c->transport = transport;
         memcpy(c->peer, tmp.peer, sizeof c->peer);
         c->refs = 1;
+        c->raised = -1;
         c->id = ++mh->next_id;
         c->last_active = now_mono();
         if (transport == T_TCP) {
@@ -3949,19 +5889,19 @@ static void on_accept(manhole *mh, int lfd, int transport)
             client_free(c);
             continue;
         }
+        pthread_mutex_lock(&mh->lock);
         c->next = mh->clients;
         if (mh->clients)
             mh->clients->prev = c;
         mh->clients = c;
         mh->nclients++;
-        LOG(mh, MANHOLE_LOG_INFO, "accepted client #%u (%s)", c->id, c->peer);
-        /* Banner and first prompt need no Python: send them now. */
-        buf_add(&c->tx, mh->banner ? mh->banner : "", mh->banner_len);
-        pthread_mutex_lock(&mh->lock);
-        buf_add(&c->tx, mh->ps1, strlen(mh->ps1));
-        c->tx_backlog = buf_used(&c->tx); /* (no worker sends before it) */
         pthread_mutex_unlock(&mh->lock);
-        client_send_host(c);
+        LOG(mh, MANHOLE_LOG_INFO, "accepted client #%u (%s)", c->id, c->peer);
+        if (transport == T_TCP && mh->secret_len > 0) {
+            c->auth = 1; /* nothing for it until it sends the secret */
+            continue;
+        }
+        client_greet(c);
     }
 }
 
@@ -4034,14 +5974,23 @@ static void host_run_jobs(manhole *mh)
     int n = 0;
     for (client *c = mh->jq_head; c; c = c->jnext)
         n++;
+    int nc = mh->cq_head != NULL;
     pthread_mutex_unlock(&mh->lock);
-    if (n == 0)
+    if (n == 0 && !nc)
         return;
     worker *w = &mh->hostw;
     PyGILState_STATE g = PyGILState_Ensure();
     w->py_tid = PyThread_get_thread_ident();
     worker *saved = tl_worker;
     tl_worker = w;
+    for (;;) {
+        pthread_mutex_lock(&mh->lock);
+        cjob *j = cq_pop_locked(mh);
+        pthread_mutex_unlock(&mh->lock);
+        if (!j)
+            break;
+        run_completion(w, j);
+    }
     for (int k = 0; k < n; k++) {
         pthread_mutex_lock(&mh->lock);
         client *c = dequeue_locked(mh);
@@ -4121,7 +6070,7 @@ static int turn_finish(manhole *mh)
     pthread_mutex_lock(&mh->lock);
     int work = mh->wake_pending || mh->hc_head || mh->logq_len ||
                mh->logq_dropped || mh->nreap || mh->graveyard ||
-               (!mh->cfg.threaded && mh->jq_head);
+               (!mh->cfg.threaded && (mh->jq_head || mh->cq_head));
     pthread_mutex_unlock(&mh->lock);
     if (work) {
         process_dirty(mh);
@@ -4134,6 +6083,8 @@ static int turn_finish(manhole *mh)
     }
     if (idle_check(mh))
         work = 1;
+    if (mh->listen_paused && now_mono() >= mh->listen_resume_at)
+        listen_pause(mh, 0); /* try again: a descriptor may be free by now */
     if (mh->graveyard)
         graveyard_release(mh);
     if (work) /* anything logged this turn was counted above or just now */
@@ -4244,6 +6195,10 @@ static int py_open(manhole *mh)
     PyObject *threading = PyImport_ImportModule("threading");
     Py_XDECREF(threading);
     PyErr_Clear();
+    threads_wrap(mod, 1);
+    mh->complete_fn = make_from_source(complete_src, NULL);
+    if (!mh->complete_fn)
+        goto fail_support;
     PyObject *builtins = PyImport_ImportModule("builtins");
     PyObject *codeop = PyImport_ImportModule("codeop");
     PyObject *stacks = make_stacks(mh->core);
@@ -4305,6 +6260,7 @@ fail_support: {
     Py_CLEAR(mh->compiler_cls);
     Py_CLEAR(mh->filename);
     Py_CLEAR(mh->single);
+    Py_CLEAR(mh->complete_fn);
     support_release(&ts);
 }
 fail: {
@@ -4359,16 +6315,16 @@ static manhole *mh_new(const manhole_config *cfg_in)
     memcpy(c, cfg_in, MH_MIN(cfg_in->struct_size, sizeof *c));
     c->struct_size = sizeof *c;
     manhole_config_init(&def);
-    if (c->max_clients <= 0) c->max_clients = default_max_clients();
+    if (c->max_clients == 0) c->max_clients = default_max_clients();
     if (c->max_line == 0) c->max_line = def.max_line;
     if (c->max_input == 0) c->max_input = def.max_input;
     if (c->max_input < c->max_line) c->max_input = c->max_line;
     if (c->max_output == 0) c->max_output = def.max_output;
-    if (c->max_workers <= 0) c->max_workers = def.max_workers;
+    if (c->max_workers == 0) c->max_workers = def.max_workers;
     if (c->unix_mode == 0) c->unix_mode = def.unix_mode;
-    if (c->close_timeout <= 0) /* (an older caller's struct: the default) */
+    if (c->close_timeout == 0) /* (an older caller's struct: the default) */
         c->close_timeout = def.close_timeout;
-    mh->lfd_unix = mh->lfd_tcp = mh->wake_r = mh->wake_w = -1;
+    mh->lfd_unix = mh->lfd_tcp = mh->wake_r = mh->wake_w = mh->reserve_fd = -1;
     mh->tcp_port = -1;
 #ifdef MH_HAVE_EPOLL
     mh->epfd = -1;
@@ -4385,6 +6341,66 @@ static manhole *mh_new(const manhole_config *cfg_in)
     pthread_once(&fork_once, fork_init);
     mh->fork_gen = fork_generation;
     return mh;
+}
+
+/* Seconds in a config field: finite, not negative, at most this. */
+#define MH_MAX_SECONDS 1e6
+
+static int config_seconds(manhole *mh, const char *field, double v)
+{
+    if (isfinite(v) && v >= 0 && v <= MH_MAX_SECONDS)
+        return MANHOLE_OK;
+    return set_err(mh, MANHOLE_EINVAL,
+                   "%s: %g is not a number of seconds from 0 to %.0f", field,
+                   v, MH_MAX_SECONDS);
+}
+
+static int config_count(manhole *mh, const char *field, long long v)
+{
+    if (v >= 0)
+        return MANHOLE_OK;
+    return set_err(mh, MANHOLE_EINVAL,
+                   "%s: %lld is negative (0 means the default)", field, v);
+}
+
+/* Refuse configuration the library would otherwise misread (negative
+ * counts, non-finite or absurd durations), naming the field. Only 0 means
+ * "the default". */
+static int config_check(manhole *mh)
+{
+    const manhole_config *c = &mh->cfg;
+    int rc;
+    if (!c->unix_path && c->tcp_port < 0)
+        return set_err(mh, MANHOLE_EINVAL,
+                       "nothing to listen on: set unix_path or tcp_port");
+    if (c->tcp_port < -1 || c->tcp_port > 65535)
+        return set_err(mh, MANHOLE_EINVAL,
+                       "tcp_port: %d out of range (-1: none, 0: any free port, "
+                       "up to 65535)", c->tcp_port);
+    if (c->unix_mode > 0777)
+        return set_err(mh, MANHOLE_EINVAL,
+                       "unix_mode: %#o has bits other than permissions (0 to 0777)",
+                       c->unix_mode);
+    if ((rc = config_seconds(mh, "timeout", c->timeout)) != MANHOLE_OK ||
+        (rc = config_seconds(mh, "idle_timeout", c->idle_timeout)) != MANHOLE_OK ||
+        (rc = config_seconds(mh, "close_timeout", c->close_timeout)) != MANHOLE_OK ||
+        (rc = config_count(mh, "max_clients", c->max_clients)) != MANHOLE_OK ||
+        (rc = config_count(mh, "max_workers", c->max_workers)) != MANHOLE_OK)
+        return rc;
+    const size_t sizes[] = {c->max_line, c->max_input, c->max_output};
+    const char *names[] = {"max_line", "max_input", "max_output"};
+    for (int i = 0; i < 3; i++)
+        if (sizes[i] > (size_t)PTRDIFF_MAX)
+            return set_err(mh, MANHOLE_EINVAL,
+                           "%s: %zu bytes is absurd (a negative number?)",
+                           names[i], sizes[i]);
+    if (c->worker_priority != MANHOLE_WORKERS_NICE &&
+        c->worker_priority != MANHOLE_WORKERS_IDLE &&
+        c->worker_priority != MANHOLE_WORKERS_NORMAL)
+        return set_err(mh, MANHOLE_EINVAL,
+                       "worker_priority: %d is not MANHOLE_WORKERS_NICE, _IDLE "
+                       "or _NORMAL", c->worker_priority);
+    return MANHOLE_OK;
 }
 
 int manhole_open(manhole **out, const manhole_config *cfg_in, char *err,
@@ -4408,14 +6424,7 @@ int manhole_open(manhole **out, const manhole_config *cfg_in, char *err,
     }
     manhole_config *c = &mh->cfg;
 
-    int rc = MANHOLE_OK;
-    if (!c->unix_path && c->tcp_port < 0)
-        rc = set_err(mh, MANHOLE_EINVAL,
-                     "nothing to listen on: set unix_path or tcp_port");
-    else if (c->tcp_port > 65535)
-        rc = set_err(mh, MANHOLE_EINVAL, "tcp port %d out of range", c->tcp_port);
-    else if (c->timeout < 0 || c->idle_timeout < 0)
-        rc = set_err(mh, MANHOLE_EINVAL, "timeouts must not be negative");
+    int rc = config_check(mh);
     if (rc != MANHOLE_OK)
         goto fail;
 
@@ -4468,6 +6477,11 @@ int manhole_open(manhole **out, const manhole_config *cfg_in, char *err,
         goto fail;
     if (c->tcp_port >= 0 && (rc = tcp_listen(mh)) != MANHOLE_OK)
         goto fail;
+    if ((rc = secret_setup(mh)) != MANHOLE_OK)
+        goto fail;
+    /* A spare descriptor: with none left, a waiting client is still told
+     * why it is refused (on_accept). */
+    mh->reserve_fd = open("/dev/null", O_RDONLY | O_CLOEXEC);
     if ((mh->lfd_unix >= 0 &&
          poller_add(mh, mh->lfd_unix, TAG_LISTEN_UNIX, EV_IN) < 0) ||
         (mh->lfd_tcp >= 0 && poller_add(mh, mh->lfd_tcp, TAG_LISTEN_TCP, EV_IN) < 0)) {
@@ -4477,6 +6491,8 @@ int manhole_open(manhole **out, const manhole_config *cfg_in, char *err,
     }
     if ((rc = py_open(mh)) != MANHOLE_OK)
         goto fail;
+    pthread_sigmask(SIG_SETMASK, NULL, &mh->host_sigmask);
+    registry_add(mh);
     char where[PATH_MAX + 128];
     snprintf(where, sizeof where, "%s%s%s%s%s", mh->unix_path ? "unix:" : "",
              mh->unix_path ? mh->unix_path : "", mh->unix_path && mh->lfd_tcp >= 0 ? " " : "",
@@ -4496,6 +6512,7 @@ fail:
         snprintf(err, errlen, "%s", mh->errmsg);
     if (mh->lfd_unix >= 0 && mh->unix_path)
         unlink(mh->unix_path); /* ours, and nobody will ever answer it */
+    secret_remove(mh);
     manhole_free(mh, FREE_ALL);
     return rc;
 }
@@ -4529,6 +6546,8 @@ static void manhole_free(manhole *mh, int how)
         close(mh->lfd_unix);
     if (mh->lfd_tcp >= 0)
         close(mh->lfd_tcp);
+    if (mh->reserve_fd >= 0)
+        close(mh->reserve_fd);
     if (how != FREE_LEAVE) {
         if (mh->wake_r >= 0)
             close(mh->wake_r);
@@ -4548,6 +6567,7 @@ static void manhole_free(manhole *mh, int how)
     free(mh->unix_path);
     free(mh->tcp_host);
     free(mh->banner);
+    free(mh->secret_path);
     buf_free(&mh->hostw.rec);
     pthread_mutex_destroy(&mh->lock);
     pthread_cond_destroy(&mh->work_cv);
@@ -4570,6 +6590,7 @@ void manhole_close(manhole *mh)
         /* A child after fork(): the parent's threads and Python state are
          * not ours. Release our copies of the descriptors, nothing else
          * (the socket file stays the parent's). */
+        registry_remove(mh);
         manhole_free(mh, FREE_FORKED);
         return;
     }
@@ -4602,6 +6623,7 @@ void manhole_close(manhole *mh)
         close(mh->lfd_tcp);
         mh->lfd_tcp = -1;
     }
+    secret_remove(mh);
     while (mh->clients) {
         client *c = mh->clients;
         (void)client_flush(c);
@@ -4644,6 +6666,7 @@ void manhole_close(manhole *mh)
         mh->in_callback--;
         if (tl_host == mh)
             tl_host = NULL;
+        registry_remove(mh);
         manhole_free(mh, FREE_LEAVE);
         return;
     }
@@ -4667,6 +6690,12 @@ void manhole_close(manhole *mh)
     client *jobs = mh->jq_head;
     mh->jq_head = mh->jq_tail = NULL;
     mh->njobs = 0;
+    while (mh->cq_head) {
+        cjob *j = mh->cq_head;
+        mh->cq_head = j->next;
+        cjob_free_locked(j);
+    }
+    mh->cq_tail = NULL;
     while (mh->dirty) { /* dirty entries hold references */
         client *c = mh->dirty;
         mh->dirty = c->dnext;
@@ -4691,6 +6720,7 @@ void manhole_close(manhole *mh)
     Py_CLEAR(mh->compiler_cls);
     Py_CLEAR(mh->filename);
     Py_CLEAR(mh->single);
+    Py_CLEAR(mh->complete_fn);
     PyThreadState *main_ts = NULL;
     if (support_release(&main_ts)) {
         if (PyThreadState_Get() != main_ts) {
@@ -4704,7 +6734,13 @@ void manhole_close(manhole *mh)
     mh->in_callback--;
     if (tl_host == mh)
         tl_host = NULL;
-    manhole_free(mh, FREE_ALL);
+    pthread_mutex_lock(&mh->lock);
+    int bound = mh->nbound; /* threads of statements still running: they
+                               release their clients (and so touch this
+                               handle) when they end */
+    pthread_mutex_unlock(&mh->lock);
+    registry_remove(mh);
+    manhole_free(mh, bound ? FREE_LEAVE : FREE_ALL);
 }
 
 const char *manhole_errmsg(const manhole *mh)
@@ -4742,10 +6778,14 @@ static int internal_timeout(manhole *mh)
         return 0;
     if (!mh->cfg.threaded) {
         pthread_mutex_lock(&mh->lock);
-        int jobs = mh->jq_head != NULL;
+        int jobs = mh->jq_head != NULL || mh->cq_head != NULL;
         pthread_mutex_unlock(&mh->lock);
         if (jobs)
             return 0;
+    }
+    if (mh->listen_paused) {
+        double left = mh->listen_resume_at - now_mono();
+        t = left <= 0 ? 0 : (int)(left * 1000.0) + 1;
     }
     if (mh->cfg.idle_timeout > 0 && mh->clients) {
         double now = now_mono(), soonest = -1;
@@ -4754,7 +6794,9 @@ static int internal_timeout(manhole *mh)
             if (soonest < 0 || left < soonest)
                 soonest = left;
         }
-        t = soonest <= 0 ? 0 : (int)(soonest * 1000.0) + 1;
+        int it = soonest <= 0 ? 0 : (int)(soonest * 1000.0) + 1;
+        if (t < 0 || it < t)
+            t = it;
     }
     return t;
 }
@@ -4805,9 +6847,9 @@ int manhole_fdset(manhole *mh, fd_set *rd, fd_set *wr, int *maxfd)
                 *maxfd = (fd);                                                 \
         }                                                                      \
     } while (0)
-    if (mh->lfd_unix >= 0)
+    if (mh->lfd_unix >= 0 && !mh->listen_paused)
         ADD_FD(mh->lfd_unix, rd);
-    if (mh->lfd_tcp >= 0)
+    if (mh->lfd_tcp >= 0 && !mh->listen_paused)
         ADD_FD(mh->lfd_tcp, rd);
     ADD_FD(mh->wake_r, rd);
     for (client *c = mh->clients; c; c = c->next) {
@@ -4878,6 +6920,8 @@ int manhole_wakeup(manhole *mh)
 {
     if (!mh)
         return MANHOLE_EINVAL;
+    if (mh_forked(mh)) /* (no message: errmsg is the host thread's) */
+        return MANHOLE_EFORKED;
     pthread_mutex_lock(&mh->lock);
     wake_host_force_locked(mh, 1);
     pthread_mutex_unlock(&mh->lock);
@@ -4888,9 +6932,80 @@ int manhole_exit_status(const manhole *mh) { return mh ? mh->exit_status : 0; }
 
 int manhole_tcp_port(const manhole *mh) { return mh ? mh->tcp_port : -1; }
 
+const char *manhole_tcp_secret_file(const manhole *mh)
+{
+    return mh ? mh->secret_path : NULL;
+}
+
 int manhole_client_count(const manhole *mh) { return mh ? mh->nclients : 0; }
 
 /* ---- Namespace API ---------------------------------------------------- */
+
+/* Python's hard keywords (the same from 3.8 on), and __debug__, which the
+ * compiler turns into a constant: names the prompt can never reach. */
+static const char *const py_keywords[] = {
+    "False", "None", "True", "and", "as", "assert", "async", "await", "break",
+    "class", "continue", "def", "del", "elif", "else", "except", "finally",
+    "for", "from", "global", "if", "import", "in", "is", "lambda", "nonlocal",
+    "not", "or", "pass", "raise", "return", "try", "while", "with", "yield",
+    "__debug__"};
+
+/* MANHOLE_OK if name is a name a client can type at the prompt: a Python
+ * identifier, not a keyword, and (non-ASCII) already in the NFKC form the
+ * compiler turns identifiers into. Otherwise MANHOLE_EINVAL with a message
+ * showing the name (escaped). */
+static int name_check(manhole *mh, const char *name)
+{
+    int ascii = 1, ok = 1;
+    for (const unsigned char *p = (const unsigned char *)name; *p; p++) {
+        if (*p >= 0x80)
+            ascii = 0;
+        else if (!(*p == '_' || (*p >= 'a' && *p <= 'z') || (*p >= 'A' && *p <= 'Z') ||
+                   (p != (const unsigned char *)name && *p >= '0' && *p <= '9')))
+            ok = 0;
+    }
+    const char *why = "is not a Python identifier";
+    if (ok && !ascii) {
+        PyGILState_STATE g = PyGILState_Ensure();
+        PyObject *u = PyUnicode_DecodeUTF8(name, (Py_ssize_t)strlen(name), "strict");
+        if (!u) {
+            ok = 0;
+            why = "is not valid UTF-8";
+        } else if (PyUnicode_IsIdentifier(u) != 1) {
+            ok = 0;
+        } else {
+            PyObject *ud = PyImport_ImportModule("unicodedata");
+            PyObject *nf = ud ? PyObject_CallMethod(ud, "normalize", "sO", "NFKC", u) : NULL;
+            if (nf && PyUnicode_Compare(nf, u) != 0) {
+                ok = 0;
+                why = "is not in NFKC form (the prompt could never name it)";
+            }
+            Py_XDECREF(nf);
+            Py_XDECREF(ud);
+        }
+        Py_XDECREF(u);
+        PyErr_Clear();
+        PyGILState_Release(g);
+    }
+    for (size_t i = 0; ok && i < sizeof py_keywords / sizeof py_keywords[0]; i++)
+        if (!strcmp(name, py_keywords[i])) {
+            ok = 0;
+            why = "is a Python keyword";
+        }
+    if (ok)
+        return MANHOLE_OK;
+    char shown[100];
+    size_t n = 0;
+    const unsigned char *p = (const unsigned char *)name;
+    for (; *p && n + 8 < sizeof shown; p++) {
+        if (*p >= 0x20 && *p < 0x7f && *p != '\\' && *p != '\'')
+            shown[n++] = (char)*p;
+        else
+            n += (size_t)snprintf(shown + n, sizeof shown - n, "\\x%02x", *p);
+    }
+    shown[n] = 0;
+    return set_err(mh, MANHOLE_EINVAL, "'%s'%s %s", shown, *p ? "..." : "", why);
+}
 
 #define NS_GUARD(mh, name)                                                     \
     do {                                                                       \
@@ -4900,6 +7015,8 @@ int manhole_client_count(const manhole *mh) { return mh ? mh->nclients : 0; }
         if (mh_forked(mh))                                                     \
             return set_err((mh), MANHOLE_EFORKED,                              \
                            "this manhole belongs to the parent process");     \
+        if (name_check((mh), (name)) != MANHOLE_OK)                            \
+            return MANHOLE_EINVAL;                                             \
     } while (0)
 
 static int py_fail(manhole *mh)
@@ -5028,9 +7145,13 @@ int manhole_bind(manhole *mh, const char *name, int type, void *addr, int flags)
         bo->addr = addr;
         bo->flags = flags;
         PyObject *now = binding_get(bo);
-        if (!now || PyDict_SetItemString(mh->ns, name, now) < 0 ||
-            PyDict_SetItemString(((CoreObject *)mh->core)->bindings, name, b) < 0)
+        PyObject *detached = ((NsObject *)mh->ns)->detached;
+        PyObject *key = PyUnicode_FromString(name);
+        if (!now || !key || PyDict_SetItem(mh->ns, key, now) < 0 ||
+            PyDict_SetItem(((CoreObject *)mh->core)->bindings, key, b) < 0 ||
+            (detached && PySet_Discard(detached, key) < 0)) /* bound anew */
             r = py_fail(mh);
+        Py_XDECREF(key);
         Py_XDECREF(now);
         Py_DECREF(b);
     }

@@ -34,9 +34,9 @@ extern "C" {
 /* ---- Version -------------------------------------------------------- */
 
 #define MANHOLE_VERSION_MAJOR 0
-#define MANHOLE_VERSION_MINOR 4
+#define MANHOLE_VERSION_MINOR 5
 #define MANHOLE_VERSION_PATCH 0
-#define MANHOLE_VERSION_STRING "0.4.0"
+#define MANHOLE_VERSION_STRING "0.5.0"
 /* One comparable number: 0xMMmmpp (0.4.0 is 0x000400). */
 #define MANHOLE_VERSION_NUMBER                                                 \
     ((MANHOLE_VERSION_MAJOR << 16) | (MANHOLE_VERSION_MINOR << 8) |            \
@@ -107,11 +107,11 @@ typedef struct manhole_config {
     int threaded;           /* 1 (default): statements run on worker threads;
                                0: inside manhole_poll() on the host thread */
     double timeout;         /* seconds a statement may run; default 5;
-                               0: no limit */
+                               0: no limit (at most 1e6, see below) */
     int shared_namespace;   /* 0 (default): each client starts from a copy
                                of the manhole's namespace; 1: one for all */
 
-    /* Limits (0 keeps the default). */
+    /* Limits (0 keeps the default; a negative value is MANHOLE_EINVAL). */
     int max_clients;        /* connected clients; default: from the
                                descriptor limit at open (RLIMIT_NOFILE
                                less max(64, a quarter); 768 of 1024) */
@@ -121,7 +121,7 @@ typedef struct manhole_config {
                                statement pauses; default 1 MiB */
     int max_workers;        /* threads running statements; default 16 */
     double idle_timeout;    /* seconds before a silent idle client is
-                               closed; default 0: never */
+                               closed; default 0: never (at most 1e6) */
 
     /* Logging: silent unless a callback is given. */
     manhole_log_fn *log;
@@ -136,7 +136,7 @@ typedef struct manhole_config {
     /* Added in 0.4.0. */
     double close_timeout;   /* seconds manhole_close() waits for running
                                statements to end once interrupted; then it
-                               leaves them behind; default 1 */
+                               leaves them behind; default 1 (0 too) */
     /* Added in 0.5.0: TCP clients must send a secret first (README,
      * Security). */
     const char *tcp_secret;      /* the secret; NULL (default): the library
@@ -164,7 +164,13 @@ enum {
 };
 
 /* Fill *cfg with the defaults. Always call this first, then change fields.
- * Any thread. */
+ * manhole_open() refuses with MANHOLE_EINVAL, and a message naming the
+ * field, any value it would otherwise have to guess about: a negative count
+ * (max_clients, max_workers), a size above PTRDIFF_MAX (max_line,
+ * max_input, max_output: a negative number converted), a duration
+ * (timeout, idle_timeout, close_timeout) that is NaN, infinite, negative
+ * or above 1e6 seconds, a tcp_port below -1 or above 65535, a unix_mode
+ * above 0777, an unknown worker_priority. Any thread. */
 MANHOLE_API void manhole_config_init(manhole_config *cfg);
 
 /* ---- Lifecycle -------------------------------------------------------- */
@@ -242,7 +248,11 @@ MANHOLE_API int manhole_fd(manhole *mh);
 /* Make a manhole_poll() that is waiting (or the next one) return at once,
  * and a host sleeping on manhole_fd()/the fd-set descriptors wake up. For
  * hosts whose only wait is manhole_poll() and that have another thread
- * with news for the loop. Any thread; not from a signal handler. */
+ * with news for the loop. Returns MANHOLE_OK (also when a wake-up was
+ * already pending: several calls before the host's next turn make it
+ * return once), MANHOLE_EINVAL when mh is NULL, or MANHOLE_EFORKED in a
+ * child after fork() (the parent's loop is not woken); sets no
+ * manhole_errmsg(). Any thread; not from a signal handler. */
 MANHOLE_API int manhole_wakeup(manhole *mh);
 
 /* The status a client passed to sys.exit() (0 for sys.exit() or
@@ -254,6 +264,12 @@ MANHOLE_API int manhole_exit_status(const manhole *mh);
  */
 MANHOLE_API int manhole_tcp_port(const manhole *mh);
 
+/* The file holding the TCP secret (README, Security), or NULL: no TCP,
+ * tcp_insecure, or a secret the host gave without a file. Clients such as
+ * manhole-cli read it; a plain client sends its content as its first
+ * line. The library removes the file in manhole_close(). Any thread. */
+MANHOLE_API const char *manhole_tcp_secret_file(const manhole *mh);
+
 /* Number of connected clients. Host thread. */
 MANHOLE_API int manhole_client_count(const manhole *mh);
 
@@ -263,9 +279,11 @@ MANHOLE_API int manhole_client_count(const manhole *mh);
  * directly, or in each client's copy (copied when the client runs its first
  * statement; bindings are live in every copy). These calls take the GIL,
  * so call them from the host thread while setting up, or between loop
- * turns; they are cheap. Each returns MANHOLE_OK, MANHOLE_EINVAL (NULL or
- * empty name, bad argument), MANHOLE_EPYTHON (Python refused: see
- * manhole_errmsg), or MANHOLE_EFORKED; manhole_unset() also
+ * turns; they are cheap. Each returns MANHOLE_OK, MANHOLE_EINVAL (bad
+ * argument, or a name a client could not type: NULL, empty, not a Python
+ * identifier, a keyword such as "class" or "None", or non-ASCII not in
+ * NFKC form; manhole_errmsg() says which), MANHOLE_EPYTHON (Python
+ * refused: see manhole_errmsg), or MANHOLE_EFORKED; manhole_unset() also
  * MANHOLE_ENOTFOUND. Setting a name replaces any value, binding or
  * function of that name.
  */
@@ -318,7 +336,13 @@ enum {
  * that C type, or MANHOLE_STRING for a `const char *` variable (read-only;
  * the host must keep the string alive). With MANHOLE_WRITABLE, assigning
  * the name writes the variable on the host thread, inside manhole_poll();
- * otherwise assigning it raises AttributeError. addr must outlive mh. */
+ * otherwise assigning it raises AttributeError. addr must outlive mh.
+ * `del name` at the prompt removes the binding from the namespace it runs
+ * in (the client's own copy; with shared_namespace, the one all clients
+ * share): there the name is then undefined, and assigning it makes an
+ * ordinary Python variable. The C variable and other namespaces keep the
+ * binding; binding the name again from the host restores it in the shared
+ * namespace. */
 MANHOLE_API int manhole_bind(manhole *mh, const char *name, int type,
                              void *addr, int flags);
 

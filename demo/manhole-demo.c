@@ -15,8 +15,10 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <getopt.h>
+#include <math.h>
 #include <poll.h>
 #include <signal.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -88,43 +90,84 @@ static int demo_add(void *ud, int argc, const manhole_value *argv,
     return 0;
 }
 
-static void usage(FILE *f, const char *argv0)
+static void usage(FILE *f)
 {
-    fprintf(f,
-            "usage: %s [options]\n"
-            "A C host with a Python manhole; nc -U PATH to get a prompt.\n"
-            "\n"
-            "  --path PATH        UNIX socket (default /var/tmp/testing.manhole,\n"
-            "                     unless --port is given; '' for none)\n"
-            "  --port N           listen on TCP port N (0: any free port)\n"
-            "  --host ADDR        TCP address (default 127.0.0.1)\n"
-            "  --allow-nonlocal   allow a non-loopback --host\n"
-            "  --mode OCTAL       socket file permissions (default 600)\n"
-            "  --banner TEXT      banner (default 'Well this is neat')\n"
-            "  --no-banner        no banner\n"
-            "  --threaded         run statements on worker threads (default)\n"
-            "  --no-threaded      run statements in the host loop\n"
-            "  --timeout SECONDS  statement time limit (default 5; 0: none)\n"
-            "  --shared           one namespace for every client (default)\n"
-            "  --no-shared        each client gets its own copy\n"
-            "  --max-clients N    refuse clients past N (default 64)\n"
-            "  --max-line BYTES   longest input line (default 1048576)\n"
-            "  --max-output BYTES pending output per client (default 1048576)\n"
-            "  --idle-timeout S   close clients silent for S seconds\n"
-            "  --audit            log every input line\n"
-            "  --quiet            log only warnings and errors\n"
-            "  --help             this text\n",
-            argv0);
+    fputs("usage: manhole-demo [options]\n"
+          "A C host with a Python manhole; nc -U PATH to get a prompt.\n"
+          "\n"
+          "  --path PATH        UNIX socket (default /var/tmp/testing.manhole,\n"
+          "                     unless --port is given; '' for none)\n"
+          "  --port N           listen on TCP port N (0: any free port)\n"
+          "  --host ADDR        TCP address (default 127.0.0.1)\n"
+          "  --allow-nonlocal   allow a non-loopback --host\n"
+          "  --secret-file PATH where the TCP secret is written (default\n"
+          "                     $XDG_RUNTIME_DIR/manhole/tcp-PORT.secret)\n"
+          "  --tcp-insecure     no TCP secret: any local user gets a prompt\n"
+          "  --mode OCTAL       socket file permissions (default 600)\n"
+          "  --banner TEXT      banner (default 'Well this is neat')\n"
+          "  --no-banner        no banner\n"
+          "  --threaded         run statements on worker threads (default)\n"
+          "  --no-threaded      run statements in the host loop\n"
+          "  --timeout SECONDS  statement time limit (default 5; 0: none)\n"
+          "  --shared           one namespace for every client (default)\n"
+          "  --no-shared        each client gets its own copy\n"
+          "  --max-clients N    refuse clients past N (default 64)\n"
+          "  --max-line BYTES   longest input line (default 1048576)\n"
+          "  --max-output BYTES pending output per client (default 1048576)\n"
+          "  --idle-timeout S   close clients silent for S seconds (0: never)\n"
+          "  --audit            log every input line\n"
+          "  --quiet            log only warnings and errors\n"
+          "  --help             this text\n"
+          "\n"
+          "SECONDS are decimal numbers from 0 to 1000000; N and BYTES are\n"
+          "whole numbers from 1 to 1000000 (N) or 1073741824 (BYTES).\n",
+          f);
 }
 
-static int parse_number(const char *s, double *out)
+/* A usage error: one line naming the option and what is wrong with it, the
+ * usage, exit status 2. */
+static int bad_usage(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+static int bad_usage(const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    fputs("manhole-demo: ", stderr);
+    vfprintf(stderr, fmt, ap);
+    fputs("\n", stderr);
+    va_end(ap);
+    usage(stderr);
+    return 2;
+}
+
+/* Seconds: a finite decimal number from 0 to MAX_SECONDS (nan, inf,
+ * negative and absurd values are refused, as the library refuses them). */
+#define MAX_SECONDS 1e6
+static int parse_seconds(const char *s, double *out)
 {
     char *end;
     errno = 0;
     double d = strtod(s, &end);
-    if (errno || end == s || *end || d < 0)
+    if (errno || end == s || *end || !isfinite(d) || d < 0 || d > MAX_SECONDS)
         return -1;
     *out = d;
+    return 0;
+}
+
+/* A whole decimal number from lo to hi. */
+static int parse_whole(const char *s, unsigned long long lo, unsigned long long hi,
+                       unsigned long long *out)
+{
+    if (!s[0])
+        return -1;
+    for (const char *p = s; *p; p++)
+        if (*p < '0' || *p > '9')
+            return -1;
+    char *end;
+    errno = 0;
+    unsigned long long v = strtoull(s, &end, 10);
+    if (errno || *end || v < lo || v > hi)
+        return -1;
+    *out = v;
     return 0;
 }
 
@@ -143,12 +186,14 @@ int main(int argc, char **argv)
         OPT_PATH = 1, OPT_PORT, OPT_HOST, OPT_BANNER, OPT_NOBANNER, OPT_THREADED,
         OPT_NOTHREADED, OPT_TIMEOUT, OPT_SHARED, OPT_NOSHARED, OPT_HELP, OPT_MODE,
         OPT_NONLOCAL, OPT_MAXCLIENTS, OPT_MAXLINE, OPT_MAXOUTPUT, OPT_IDLE, OPT_AUDIT,
-        OPT_QUIET
+        OPT_QUIET, OPT_SECRETFILE, OPT_INSECURE
     };
     static const struct option opts[] = {
         {"path", required_argument, NULL, OPT_PATH},
         {"port", required_argument, NULL, OPT_PORT},
         {"host", required_argument, NULL, OPT_HOST},
+        {"secret-file", required_argument, NULL, OPT_SECRETFILE},
+        {"tcp-insecure", no_argument, NULL, OPT_INSECURE},
         {"banner", required_argument, NULL, OPT_BANNER},
         {"no-banner", no_argument, NULL, OPT_NOBANNER},
         {"threaded", no_argument, NULL, OPT_THREADED},
@@ -166,71 +211,102 @@ int main(int argc, char **argv)
         {"quiet", no_argument, NULL, OPT_QUIET},
         {"help", no_argument, NULL, OPT_HELP},
         {NULL, 0, NULL, 0}};
-    int o;
-    double d;
+    int o, idx;
+    unsigned long long num;
     char *end;
-    opterr = 0;
+    opterr = 0; /* every message below names the option */
     int path_given = 0;
-    while ((o = getopt_long(argc, argv, "", opts, NULL)) != -1) {
+    /* ":" first: a missing argument is ':', an unknown option '?'. */
+    while ((idx = -1, o = getopt_long(argc, argv, ":", opts, &idx)) != -1) {
+        const char *name = idx >= 0 ? opts[idx].name : "";
         switch (o) {
         case OPT_PATH:
             cfg.unix_path = optarg[0] ? optarg : NULL;
             path_given = 1;
             break;
         case OPT_PORT:
-            if (parse_number(optarg, &d) < 0 || d > 65535 || d != (int)d)
-                goto bad;
-            cfg.tcp_port = (int)d;
+            if (parse_whole(optarg, 0, 65535, &num) < 0)
+                return bad_usage("--%s: '%s' is not a port number (0 to 65535)", name, optarg);
+            cfg.tcp_port = (int)num;
             break;
         case OPT_HOST: cfg.tcp_host = optarg; break;
+        case OPT_SECRETFILE:
+            if (!optarg[0])
+                return bad_usage("--%s: the path is empty", name);
+            cfg.tcp_secret_file = optarg;
+            break;
+        case OPT_INSECURE: cfg.tcp_insecure = 1; break;
         case OPT_BANNER: cfg.banner = optarg; break;
         case OPT_NOBANNER: cfg.banner = NULL; break;
         case OPT_THREADED: cfg.threaded = 1; break;
         case OPT_NOTHREADED: cfg.threaded = 0; break;
         case OPT_TIMEOUT:
-            if (parse_number(optarg, &cfg.timeout) < 0)
-                goto bad;
+        case OPT_IDLE:
+            if (parse_seconds(optarg, o == OPT_TIMEOUT ? &cfg.timeout : &cfg.idle_timeout) < 0)
+                return bad_usage("--%s: '%s' is not a number of seconds from 0 to %.0f", name,
+                                 optarg, MAX_SECONDS);
             break;
         case OPT_SHARED: cfg.shared_namespace = 1; break;
         case OPT_NOSHARED: cfg.shared_namespace = 0; break;
         case OPT_MODE:
+            errno = 0;
             cfg.unix_mode = (unsigned)strtoul(optarg, &end, 8);
-            if (*end || !optarg[0] || cfg.unix_mode > 0777)
-                goto bad;
+            if (errno || *end || !optarg[0] || optarg[0] < '0' || optarg[0] > '7' ||
+                cfg.unix_mode > 0777)
+                return bad_usage("--%s: '%s' is not an octal mode from 0 to 777", name, optarg);
             break;
         case OPT_NONLOCAL: cfg.tcp_allow_nonlocal = 1; break;
         case OPT_MAXCLIENTS:
-            if (parse_number(optarg, &d) < 0 || d < 1)
-                goto bad;
-            cfg.max_clients = (int)d;
+            if (parse_whole(optarg, 1, 1000000, &num) < 0)
+                return bad_usage("--%s: '%s' is not a whole number from 1 to 1000000", name,
+                                 optarg);
+            cfg.max_clients = (int)num;
             break;
         case OPT_MAXLINE:
-            if (parse_number(optarg, &d) < 0 || d < 1)
-                goto bad;
-            cfg.max_line = (size_t)d;
-            break;
         case OPT_MAXOUTPUT:
-            if (parse_number(optarg, &d) < 0 || d < 1)
-                goto bad;
-            cfg.max_output = (size_t)d;
-            break;
-        case OPT_IDLE:
-            if (parse_number(optarg, &cfg.idle_timeout) < 0)
-                goto bad;
+            if (parse_whole(optarg, 1, 1u << 30, &num) < 0)
+                return bad_usage("--%s: '%s' is not a number of bytes from 1 to %u", name,
+                                 optarg, 1u << 30);
+            *(o == OPT_MAXLINE ? &cfg.max_line : &cfg.max_output) = (size_t)num;
             break;
         case OPT_AUDIT: cfg.audit = 1; cfg.log_level = MANHOLE_LOG_AUDIT; break;
         case OPT_QUIET: quiet = 1; break;
-        case OPT_HELP: usage(stdout, argv[0]); return 0;
-        default: goto bad;
+        case OPT_HELP: usage(stdout); return 0;
+        case ':': /* optopt is the option's val (glibc), else take argv */
+            for (int i = 0; opts[i].name; i++)
+                if (opts[i].val == optopt)
+                    return bad_usage("option '--%s' needs an argument", opts[i].name);
+            return bad_usage("option '%s' needs an argument", argv[optind - 1]);
+        default: { /* '?': unknown, ambiguous, or an argument where none goes */
+            const char *arg = argv[optind - 1];
+            if (strncmp(arg, "--", 2))
+                return bad_usage("unknown option '-%c'", optopt);
+            size_t len = strcspn(arg, "=");
+            int matches = 0, exact = -1;
+            for (int i = 0; opts[i].name; i++)
+                if (len > 2 && !strncmp(opts[i].name, arg + 2, len - 2)) {
+                    matches++;
+                    if (strlen(opts[i].name) == len - 2)
+                        exact = i;
+                }
+            if (exact < 0 && matches == 1)
+                for (int i = 0; opts[i].name; i++)
+                    if (!strncmp(opts[i].name, arg + 2, len - 2))
+                        exact = i;
+            if (exact >= 0 && arg[len] == '=')
+                return bad_usage("option '--%s' takes no argument", opts[exact].name);
+            if (matches > 1)
+                return bad_usage("ambiguous option '%.*s'", (int)len, arg);
+            return bad_usage("unknown option '%s'", arg);
+        }
         }
     }
     if (optind < argc)
-        goto bad;
+        return bad_usage("unexpected argument '%s'", argv[optind]);
     if (cfg.tcp_port >= 0 && !path_given)
         cfg.unix_path = NULL; /* --port alone: TCP only */
     if (!cfg.unix_path && cfg.tcp_port < 0) {
-        fprintf(stderr, "%s: nothing to listen on (give --path or --port)\n", argv[0]);
-        return 2;
+        return bad_usage("nothing to listen on (give --path or --port)");
     }
 
     if (pipe(sig_pipe) < 0) {
@@ -336,6 +412,8 @@ int main(int argc, char **argv)
             rc = manhole_poll(mh, 0);
         else
             rc = n > 0 ? manhole_process(mh, &rd, &wr) : manhole_process(mh, NULL, NULL);
+        /* Only a client's sys.exit(n) gets here; exit(), quit() and Ctrl-D
+         * end only that client's session. This host stops with status n. */
         if (rc == MANHOLE_EXIT) {
             status = manhole_exit_status(mh);
             break;
@@ -346,8 +424,4 @@ int main(int argc, char **argv)
     free(pfds);
     manhole_close(mh);
     return status;
-
-bad:
-    usage(stderr, argv[0]);
-    return 2;
 }

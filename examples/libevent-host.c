@@ -26,6 +26,8 @@ static long seconds;
 
 static void run_manhole(struct app *app)
 {
+    /* Only a client's sys.exit(n) gets here; exit(), quit() and Ctrl-D
+     * end only that client's session. This host stops with status n. */
     if (manhole_poll(app->mh, 0) == MANHOLE_EXIT) {
         app->status = manhole_exit_status(app->mh);
         event_base_loopbreak(app->base);

@@ -25,6 +25,8 @@ static void on_timer(uv_timer_t *t);
 
 static void run_manhole(void)
 {
+    /* Only a client's sys.exit(n) gets here; exit(), quit() and Ctrl-D
+     * end only that client's session. This host stops with status n. */
     if (manhole_poll(mh, 0) == MANHOLE_EXIT) {
         status = manhole_exit_status(mh);
         uv_stop(uv_default_loop());

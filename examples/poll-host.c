@@ -66,6 +66,8 @@ int main(int argc, char **argv)
             next++;
         }
         int rc = manhole_poll(mh, 0); /* do what poll() found ready */
+        /* Only a client's sys.exit(n) gets here; exit(), quit() and Ctrl-D
+         * end only that client's session. This host stops with status n. */
         if (rc == MANHOLE_EXIT) {
             status = manhole_exit_status(mh);
             break;

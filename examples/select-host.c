@@ -68,6 +68,8 @@ int main(int argc, char **argv)
                 __atomic_store_n(&seconds, seconds + 1, __ATOMIC_RELAXED);
                 next++;
             }
+            /* Only a client's sys.exit(n) gets here; exit(), quit() and Ctrl-D
+             * end only that client's session. This host stops with status n. */
             if (rc == MANHOLE_EXIT) {
                 status = manhole_exit_status(mh);
                 break;
@@ -83,7 +85,7 @@ int main(int argc, char **argv)
             next++;
         }
         int rc = manhole_process(mh, n > 0 ? &rd : NULL, n > 0 ? &wr : NULL);
-        if (rc == MANHOLE_EXIT) {
+        if (rc == MANHOLE_EXIT) { /* a client's sys.exit(n), as above */
             status = manhole_exit_status(mh);
             break;
         }

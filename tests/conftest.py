@@ -40,6 +40,13 @@ TIMEOUT = float(os.environ.get("MANHOLE_TEST_TIMEOUT", "20"))
 WRAP = os.environ.get("MANHOLE_TEST_WRAP", "").split()
 
 PS1 = b">>> "
+
+
+def default_secret_path(port):
+    """Where the library writes a TCP port's secret by default."""
+    run = os.environ.get("XDG_RUNTIME_DIR")
+    base = Path(run) / "manhole" if run else Path("/tmp/manhole-%d" % os.geteuid())
+    return base / ("tcp-%d.secret" % port)
 PS2 = b"... "
 
 
@@ -186,8 +193,15 @@ class Client:
         return cls(s, **kw)
 
     @classmethod
-    def tcp(cls, port, host="127.0.0.1", **kw):
+    def tcp(cls, port, host="127.0.0.1", secret="auto", **kw):
+        """A TCP client; it sends the secret first (by default the one the
+        library wrote for that port, if there is one: README, Security)."""
         s = socket.create_connection((host, port), timeout=TIMEOUT)
+        if secret == "auto":
+            path = default_secret_path(port)
+            secret = path.read_text().strip() if path.exists() else None
+        if secret:
+            s.sendall(secret.encode() + b"\n")
         return cls(s, **kw)
 
     def _fill(self, deadline):

@@ -146,3 +146,33 @@ def test_worker_priority(start, prio, want):
     assert c.cmd("import os; (os.sched_getscheduler(0), os.getpriority(os.PRIO_PROCESS, 0))") == want + "\n"
     # the host thread itself is untouched
     assert c.cmd("on_host_thread()") == "True\n"
+
+
+def test_del_of_bound_name_removes_it_from_that_session_only(start):
+    """`del ticks` at the prompt really removes the name there (it used to
+    say NameError and keep reading the C variable); other clients and the
+    C variable keep the binding; an assignment afterwards is an ordinary
+    Python name that no longer writes the C variable."""
+    p = start(HOST)
+    a = p.client()
+    b = p.client()
+    assert a.cmd("del ticks") == ""
+    assert a.cmd("ticks").splitlines()[-1].startswith("NameError: name 'ticks' is not defined")
+    assert a.cmd("'ticks' in globals()") == "False\n"
+    assert b.cmd("isinstance(ticks, int)") == "True\n"
+    assert a.cmd("del counter") == ""
+    assert a.cmd("counter = 'mine'; counter") == "'mine'\n"
+    assert b.cmd("counter") == "0\n"        # the C variable was not written
+    b.cmd("counter = 3")
+    assert a.cmd("counter") == "'mine'\n"
+    assert p.client().cmd("counter") == "3\n"  # a later client has the binding
+
+
+def test_del_of_bound_name_in_shared_namespace_removes_it_for_all(start):
+    p = start(HOST, "--shared")
+    a = p.client()
+    b = p.client()
+    assert a.cmd("del label") == ""
+    assert b.cmd("label").splitlines()[-1].startswith("NameError: name 'label' is not defined")
+    assert a.cmd("del label").splitlines()[-1].startswith("NameError")
+

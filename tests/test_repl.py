@@ -282,12 +282,17 @@ def test_sys_exit_status_reaches_host(start):
     assert p.wait() == 3
 
 
-def test_exit_builtin_ends_with_status_zero(start):
+def test_exit_builtin_ends_only_that_session(start):
+    """0.5.0 (issue 8): exit() and quit() leave, as at end of input; the
+    host keeps running and hears nothing of it."""
     p = start(DEMO)
-    c = p.client()
-    c.send("exit()\n")
-    assert c.read_all() == b""
-    assert p.wait() == 0
+    for word in ("exit()", "quit()"):
+        c = p.client()
+        c.send(word + "\n")
+        assert c.read_all() == b""
+        assert p.client().cmd("'still here'") == "'still here'\n"
+    assert p.p.poll() is None
+    assert "sys.exit" not in p.err
 
 
 def test_sys_exit_with_message(start):
@@ -318,11 +323,13 @@ def test_disconnect_mid_statement_interrupts_it(start):
     wait_true(lambda: b.cmd("done") == "True\n", what="statement interrupted")
 
 
-def test_host_threads_output_not_captured(demo):
+def test_thread_started_by_statement_writes_to_its_client(demo):
+    """0.5.0: a thread a statement starts is that client's (issue 8); the
+    host's stdout never sees its output."""
     c = demo.client()
-    out = c.cmd("import threading; t = threading.Thread(target=print, args=('from-host-thread',)); t.start(); t.join()")
-    assert out == ""
-    demo.wait_for("from-host-thread")
+    out = c.cmd("import threading; t = threading.Thread(target=print, args=('from-its-thread',)); t.start(); t.join()")
+    assert out == "from-its-thread\n"
+    assert "from-its-thread" not in demo.out
 
 
 def test_input_builtin_reads_from_client(demo):

@@ -4,10 +4,13 @@
  *
  *   api-test DIR      (a directory for its sockets)
  */
-#define _POSIX_C_SOURCE 200809L
+#define PY_SSIZE_T_CLEAN
+#include <Python.h> /* first: it sets the feature-test macros */
+
 #include "../../manhole.h"
 
 #include <errno.h>
+#include <math.h>
 #include <poll.h>
 #include <pthread.h>
 #include <signal.h>
@@ -17,6 +20,7 @@
 #include <sys/select.h>
 #include <sys/socket.h>
 #include <sys/un.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 static int n_checks, n_failed;
@@ -41,10 +45,19 @@ static void log_cb(void *ud, int level, const char *msg)
         recursive_rc = manhole_poll(g_mh, 0); /* must be refused */
 }
 
+static int wake_rc = 1;
+
 static void *wake_later(void *arg)
 {
-    manhole_wakeup(arg);
+    wake_rc = manhole_wakeup(arg);
     return NULL;
+}
+
+static int recursive_fn(void *ud, int argc, const manhole_value *argv,
+                        manhole_value *ret, char *err, size_t errlen)
+{
+    (void)ud, (void)argc, (void)argv, (void)ret, (void)err, (void)errlen;
+    return 0;
 }
 
 static int connect_to(const char *path)
@@ -57,6 +70,18 @@ static int connect_to(const char *path)
     if (fd < 0 || connect(fd, (struct sockaddr *)&sa, sizeof sa) < 0)
         return -1;
     return fd;
+}
+
+/* manhole_open with one field changed from cfg refuses it with EINVAL, a
+ * NULL handle and a message naming the field. */
+static int refused(const manhole_config *cfg, const char *field)
+{
+    manhole *mh = (manhole *)cfg;
+    char err[256] = "";
+    int rc = manhole_open(&mh, cfg, err, sizeof err);
+    if (rc == MANHOLE_OK)
+        manhole_close(mh);
+    return rc == MANHOLE_EINVAL && mh == NULL && strstr(err, field) != NULL;
 }
 
 static int sigpipe_is_default(void)
@@ -99,6 +124,55 @@ int main(int argc, char **argv)
     check(manhole_open(&mh, &raw, err, sizeof err) == MANHOLE_EINVAL,
           "open with an uninitialised config: EINVAL");
     check(manhole_open(&mh, NULL, NULL, 0) == MANHOLE_EINVAL, "open with NULL config: EINVAL");
+
+    /* Numbers the library would have to guess about are refused, naming
+     * the field; 0 keeps meaning "the default". */
+    manhole_config bad;
+    const double bad_seconds[] = {NAN, INFINITY, -INFINITY, -1, 1e6 + 1, 1e300};
+    int all_refused = 1;
+    for (size_t i = 0; i < sizeof bad_seconds / sizeof bad_seconds[0]; i++) {
+        manhole_config_init(&bad);
+        bad.unix_path = path;
+        bad.timeout = bad_seconds[i];
+        all_refused &= refused(&bad, "timeout");
+        manhole_config_init(&bad);
+        bad.unix_path = path;
+        bad.idle_timeout = bad_seconds[i];
+        all_refused &= refused(&bad, "idle_timeout");
+        manhole_config_init(&bad);
+        bad.unix_path = path;
+        bad.close_timeout = bad_seconds[i];
+        all_refused &= refused(&bad, "close_timeout");
+    }
+    check(all_refused, "timeout, idle_timeout, close_timeout: nan, inf, negative, > 1e6 refused");
+    manhole_config_init(&bad);
+    bad.unix_path = path;
+    bad.max_clients = -1;
+    check(refused(&bad, "max_clients"), "negative max_clients refused, naming it");
+    manhole_config_init(&bad);
+    bad.unix_path = path;
+    bad.max_workers = -3;
+    check(refused(&bad, "max_workers"), "negative max_workers refused, naming it");
+    manhole_config_init(&bad);
+    bad.unix_path = path;
+    bad.max_line = (size_t)-1;
+    check(refused(&bad, "max_line"), "max_line of (size_t)-1 refused, naming it");
+    manhole_config_init(&bad);
+    bad.unix_path = path;
+    bad.max_output = (size_t)-4096;
+    check(refused(&bad, "max_output"), "max_output of (size_t)-4096 refused, naming it");
+    manhole_config_init(&bad);
+    bad.unix_path = path;
+    bad.worker_priority = 7;
+    check(refused(&bad, "worker_priority"), "unknown worker_priority refused, naming it");
+    manhole_config_init(&bad);
+    bad.tcp_port = -2;
+    check(refused(&bad, "tcp_port"), "tcp_port below -1 refused, naming it");
+    manhole_config_init(&bad);
+    bad.unix_path = path;
+    bad.unix_mode = 04777;
+    check(refused(&bad, "unix_mode"), "unix_mode with setuid bits refused, naming it");
+    check(access(path, F_OK) != 0, "a refused config creates no socket file");
     manhole_close(NULL);
     check(1, "close(NULL) is harmless");
 
@@ -167,6 +241,19 @@ int main(int argc, char **argv)
     pthread_create(&t, NULL, wake_later, mh);
     check(manhole_poll(mh, -1) == MANHOLE_OK, "wakeup from another thread ends poll(-1)");
     pthread_join(t, NULL);
+    check(wake_rc == MANHOLE_OK, "wakeup returns MANHOLE_OK");
+    check(manhole_wakeup(mh) == MANHOLE_OK && manhole_wakeup(mh) == MANHOLE_OK &&
+              manhole_poll(mh, -1) == MANHOLE_OK && manhole_poll(mh, 0) == MANHOLE_OK,
+          "two wakeups before a turn: MANHOLE_OK each, and poll(-1) returns");
+    check(manhole_wakeup(NULL) == MANHOLE_EINVAL, "wakeup(NULL): EINVAL");
+    fflush(stdout);
+    pid_t kid = fork();
+    if (kid == 0)
+        _exit(manhole_wakeup(mh) == MANHOLE_EFORKED ? 0 : 1);
+    int wst = -1;
+    waitpid(kid, &wst, 0);
+    check(kid > 0 && WIFEXITED(wst) && WEXITSTATUS(wst) == 0,
+          "wakeup in a child after fork(): EFORKED");
 
     /* The recursion guard, from inside the log callback. */
     int c1 = connect_to(path);
@@ -190,14 +277,90 @@ int main(int argc, char **argv)
           "bind: writable string refused");
     check(manhole_bind(mh, "", MANHOLE_INT, &var, 0) == MANHOLE_EINVAL, "bind: empty name refused");
     check(manhole_def(mh, "f", NULL, NULL, NULL, 0) == MANHOLE_EINVAL, "def: NULL function refused");
+
+    /* Names a client could never type are refused, with the reason. */
+    check(manhole_set_int(mh, "1abc", 1) == MANHOLE_EINVAL &&
+              strstr(manhole_errmsg(mh), "'1abc' is not a Python identifier"),
+          "set_int: a name starting with a digit refused, named in the message");
+    check(manhole_set_string(mh, "a b", "x") == MANHOLE_EINVAL &&
+              manhole_set_double(mh, "a-b", 1) == MANHOLE_EINVAL &&
+              manhole_set_bytes(mh, "a.b", "", 0) == MANHOLE_EINVAL &&
+              manhole_set_object(mh, "x\n", manhole_namespace(mh)) == MANHOLE_EINVAL,
+          "set_string/double/bytes/object: names with space, dash, dot, newline refused");
+    check(strstr(manhole_errmsg(mh), "'x\\x0a'") != NULL,
+          "a control character is shown escaped in the message");
+    check(manhole_set_int(mh, "class", 1) == MANHOLE_EINVAL &&
+              strstr(manhole_errmsg(mh), "keyword") &&
+              manhole_set_int(mh, "None", 1) == MANHOLE_EINVAL &&
+              manhole_set_int(mh, "await", 1) == MANHOLE_EINVAL &&
+              manhole_set_int(mh, "__debug__", 1) == MANHOLE_EINVAL,
+          "keywords (class, None, await) and __debug__ refused");
+    check(manhole_bind(mh, "x-y", MANHOLE_INT, &var, 0) == MANHOLE_EINVAL &&
+              manhole_bind(mh, "for", MANHOLE_INT, &var, 0) == MANHOLE_EINVAL,
+          "bind: non-identifier and keyword names refused");
+    check(manhole_def(mh, "f()", recursive_fn, NULL, NULL, 0) == MANHOLE_EINVAL &&
+              manhole_def(mh, "lambda", recursive_fn, NULL, NULL, 0) == MANHOLE_EINVAL,
+          "def: non-identifier and keyword names refused");
+    check(manhole_unset(mh, "a.b") == MANHOLE_EINVAL, "unset: a non-identifier is EINVAL, not ENOTFOUND");
+    check(manhole_set_int(mh, "\xff\xfe", 1) == MANHOLE_EINVAL &&
+              strstr(manhole_errmsg(mh), "UTF-8"),
+          "a name that is not UTF-8 refused");
+    check(manhole_set_int(mh, "\xef\xac\x81le", 1) == MANHOLE_EINVAL &&
+              strstr(manhole_errmsg(mh), "NFKC"),
+          "a name the compiler would normalise (U+FB01 ligature) refused");
+    check(manhole_set_int(mh, "\xc3\xa9t\xc3\xa9", 1) == MANHOLE_OK &&
+              manhole_set_int(mh, "_", 1) == MANHOLE_OK &&
+              manhole_set_int(mh, "match", 1) == MANHOLE_OK &&
+              manhole_set_int(mh, "type", 1) == MANHOLE_OK &&
+              manhole_bind(mh, "_private9", MANHOLE_INT, &var, 0) == MANHOLE_OK,
+          "identifiers accepted: non-ASCII, _, soft keywords (match, type), digits after the first");
+    check(manhole_unset(mh, "match") == MANHOLE_OK && manhole_unset(mh, "_private9") == MANHOLE_OK,
+          "unset of valid names still works");
+
+    /* `del` of a bound name in a namespace removes the binding there; the
+     * host binding the name again restores it. */
+    static int live = 7;
+    manhole_bind(mh, "live", MANHOLE_INT, &live, 0);
+    PyGILState_STATE g = PyGILState_Ensure();
+    PyObject *ns = manhole_namespace(mh);
+    PyObject *v = PyMapping_GetItemString(ns, "live");
+    check(v && PyLong_AsLong(v) == 7, "a bound name reads through the namespace");
+    Py_XDECREF(v);
+    check(PyMapping_DelItemString(ns, "live") == 0, "del of a bound name succeeds");
+    v = PyMapping_GetItemString(ns, "live");
+    check(!v && PyErr_ExceptionMatches(PyExc_KeyError) && !PyMapping_HasKeyString(ns, "live"),
+          "after del the name is gone from that namespace");
+    PyErr_Clear();
+    PyObject *five = PyLong_FromLong(5);
+    check(PyMapping_SetItemString(ns, "live", five) == 0 && live == 7,
+          "assigning it then makes an ordinary name; the C variable is untouched");
+    Py_DECREF(five);
+    live = 8;
+    v = PyMapping_GetItemString(ns, "live");
+    check(v && PyLong_AsLong(v) == 5, "and it reads the Python value, not the C variable");
+    Py_XDECREF(v);
+    PyGILState_Release(g);
+    check(manhole_bind(mh, "live", MANHOLE_INT, &live, 0) == MANHOLE_OK, "bind the name again");
+    g = PyGILState_Ensure();
+    v = PyMapping_GetItemString(ns, "live");
+    check(v && PyLong_AsLong(v) == 8, "binding again makes it live again");
+    Py_XDECREF(v);
+    PyErr_Clear();
+    PyGILState_Release(g);
     check(manhole_namespace(mh) != NULL, "namespace dict available");
 
     /* Two manholes in one process. */
     manhole_config cfg2;
     manhole_config_init(&cfg2);
     cfg2.unix_path = path2;
+    cfg2.timeout = 1e6;       /* the largest durations are accepted */
+    cfg2.idle_timeout = 1e6;
+    cfg2.max_clients = 0;     /* 0: the default */
+    cfg2.max_workers = 0;
+    cfg2.close_timeout = 0;
     manhole *mh2;
-    check(manhole_open(&mh2, &cfg2, err, sizeof err) == MANHOLE_OK, "a second manhole opens");
+    check(manhole_open(&mh2, &cfg2, err, sizeof err) == MANHOLE_OK,
+          "a second manhole opens (timeouts of 1e6 s, 0 for the defaults)");
     manhole_close(mh);
     g_mh = NULL;
     int c2 = connect_to(path2);
