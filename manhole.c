@@ -508,6 +508,7 @@ struct worker {
     buf rec;                /* the record being processed */
     double hold_until;      /* output held back from the host until then (0: none) */
     unsigned char woke_host;/* the host was asked to send during this job */
+    unsigned char again;    /* this job's client had the one before it too */
     buf dout;               /* output being sent by direct_send() */
 };
 
@@ -600,6 +601,7 @@ struct manhole {
     int nworkers;           /* not abandoned, not exited */
     int nidle;              /* workers waiting for a job (spinning included) */
     int nspin;              /* workers spinning for one (WARM_SPIN) */
+    unsigned last_job_id;   /* the client whose job a worker took last */
     unsigned jobs_seq;      /* bumped per job queued while one spins (atomic) */
     int njobs;              /* jobs queued */
     double last_pickup;     /* when a worker last took a job */
@@ -4696,6 +4698,8 @@ static client *process_job(worker *w, client *c)
     c->runner = w;
     w->c = c;
     w->woke_host = 0;
+    w->again = mh->last_job_id == c->id;
+    mh->last_job_id = c->id;
     int requeue = 0;
     while (!c->dead && !c->exiting && !mh->stopping) {
         int kind;
@@ -4988,7 +4992,10 @@ static void name_python_thread(const char *name)
  * next line within a few microseconds of reading the answer; taking that
  * job without sleeping spares the host's futex wake-up and the worker's
  * return from sleep, the two costs a thread pool adds to a round trip.
- * One worker at most spins, with neither the lock nor the GIL. */
+ * One worker at most spins, with neither the lock nor the GIL, and only
+ * when the client had the job before too: one client alone in lock-step.
+ * With several clients at work the CPU it would burn is theirs (and the
+ * host's), so the worker sleeps as before. */
 #ifndef WARM_SPIN
 #define WARM_SPIN 25e-6
 #endif
@@ -5072,8 +5079,8 @@ static void *worker_main(void *arg)
         PyEval_RestoreThread(ts);
         client *send = process_job(w, c);
         ts = PyEval_SaveThread();
-        if (send)
-            warm = direct_send(w, send);
+        if (send) /* spin only for a client alone in lock-step (see WARM_SPIN) */
+            warm = direct_send(w, send) && w->again;
         pthread_mutex_lock(&mh->lock);
         if (w->timed_out) {
             /* We were abandoned and are back: rejoin the pool if there is
