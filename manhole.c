@@ -47,8 +47,8 @@
  *    that hung up, or asked for an interrupt (telnet IP/BRK, or the
  *    extended channel), gets its statement interrupted; an interrupted
  *    statement that has not stopped after INTERRUPT_GRACE is abandoned like
- *    a timed-out one. A statement waiting in input() is not counting
- *    against its deadline and raises the client's interrupt itself. The
+ *    a timed-out one. Time a statement waits in input() does not count
+ *    against its deadline, and it raises the client's interrupt itself. The
  *    watchdog takes the GIL only to deliver an interrupt, never while
  *    holding mh->lock. And it hands the host output that a worker has held
  *    back for OUTPUT_HOLD.
@@ -631,6 +631,7 @@ struct manhole {
     PyObject *filename;     /* "<stdin>" */
     PyObject *single;       /* "single" */
     PyObject *complete_fn;  /* (namespace, text) -> (n, candidates) */
+    PyObject *noop;         /* lambda: None */
     unsigned long host_py_tid; /* Python's id for the thread that opened */
 
     char errmsg[512];
@@ -1103,33 +1104,70 @@ static int unix_listen(manhole *mh)
      * private directory beside it, given its mode there, and renamed into
      * place, which replaces a name and follows no link. */
     struct sockaddr_un tsa = sa;
-    char tdir[sizeof sa.sun_path] = "";
+    char tdir[PATH_MAX] = "", tsock[PATH_MAX] = "";
+    int near = 0; /* bind at the path itself, set the mode without links */
     if (wider) {
         int k = snprintf(tdir, sizeof tdir, "%s/.manhole-XXXXXX", dir);
-        if (k < 0 || (size_t)k + 3 > sizeof tsa.sun_path || !mkdtemp(tdir)) {
-            int e = k < 0 || (size_t)k + 3 > sizeof tsa.sun_path ? ENAMETOOLONG : errno;
+        if (k < 0 || (size_t)k + 3 > sizeof tdir || !mkdtemp(tdir)) {
+            int e = k < 0 || (size_t)k + 3 > sizeof tdir ? ENAMETOOLONG : errno;
             close(fd);
             return set_err(mh, MANHOLE_ESYS,
                            "%s: cannot make a private directory beside it to set "
                            "mode %03o safely: %s",
                            path, (unsigned)want, strerror(e));
         }
-        size_t tl = strlen(tdir); /* fits: checked above */
-        memcpy(tsa.sun_path, tdir, tl);
-        memcpy(tsa.sun_path + tl, "/s", 3);
-    }
-    mode_t old = umask(0177);
-    int r = bind(fd, (struct sockaddr *)&tsa, sizeof tsa);
-    int e = errno;
-    umask(old);
-    if (r == 0 && wider) {
-        if (chmod(tsa.sun_path, want) < 0 || rename(tsa.sun_path, path) < 0) {
-            r = -1;
-            e = errno;
-            unlink(tsa.sun_path);
+        snprintf(tsock, sizeof tsock, "%s/s", tdir);
+        if (strlen(tsock) < sizeof tsa.sun_path) {
+            memcpy(tsa.sun_path, tsock, strlen(tsock) + 1);
+        } else {
+#ifdef __linux__
+            /* Too long for sun_path: reach the directory through its
+             * descriptor instead. */
+            int dfd = open(tdir, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+            if (dfd >= 0)
+                snprintf(tsa.sun_path, sizeof tsa.sun_path, "/proc/self/fd/%d/s", dfd);
+            mode_t o = umask(0177);
+            int br = dfd >= 0 ? bind(fd, (struct sockaddr *)&tsa, sizeof tsa) : -1;
+            int be = errno;
+            umask(o);
+            if (dfd >= 0)
+                close(dfd);
+            if (br < 0) {
+                rmdir(tdir);
+                close(fd);
+                return set_err(mh, MANHOLE_ESYS, "%s: cannot bind: %s", path, strerror(be));
+            }
+            tsa.sun_path[0] = 0; /* bound already */
+#else
+            rmdir(tdir);
+            tdir[0] = 0;
+            near = 1;
+#endif
         }
     }
-    if (wider)
+    int r = 0, e = 0;
+    if (!wider || near || tsa.sun_path[0]) {
+        mode_t old = umask(0177);
+        r = bind(fd, (struct sockaddr *)(wider && !near ? &tsa : &sa), sizeof sa);
+        e = errno;
+        umask(old);
+    }
+    if (r == 0 && near) {
+        /* (elsewhere, a path too long for a private directory beside it:
+         * a mode change that refuses to follow a link) */
+        if (fchmodat(AT_FDCWD, path, want, AT_SYMLINK_NOFOLLOW) < 0) {
+            r = -1;
+            e = errno;
+            unlink(path);
+        }
+    } else if (r == 0 && wider) {
+        if (chmod(tsock, want) < 0 || rename(tsock, path) < 0) {
+            r = -1;
+            e = errno;
+            unlink(tsock);
+        }
+    }
+    if (tdir[0])
         rmdir(tdir);
     if (r < 0) {
         close(fd);
@@ -2872,11 +2910,41 @@ static PyObject *stdin_readline(worker *w, client *c, int binary)
     int interrupted = 0;
     if (!w || w->completing || w->c != c) /* a thread, a completion: no input */
         return binary ? PyBytes_FromStringAndSize("", 0) : PyUnicode_FromString("");
+    /* From here the wait is the client's time, not the statement's, and
+     * an interrupt is raised here rather than injected by the watchdog. */
+    double left = 0;
+    pthread_mutex_lock(&mh->lock);
+    if (!w->is_host) {
+        w->waiting = 1;
+        left = w->deadline > 0 ? w->deadline - now_mono() : 0;
+        if (w->deadline > 0 && left < 0.001)
+            left = 0.001;
+        w->deadline = 0;
+        w->int_deadline = 0; /* an earlier interrupt was dealt with */
+    }
+    int injected = w->want_int && w->user_int && w->int_sent;
+    pthread_mutex_unlock(&mh->lock);
+    if (injected && mh->noop) {
+        /* The watchdog may have injected the client's interrupt just
+         * before: a call of an empty function raises it if it is still
+         * pending, instead of it waiting behind the client's next line. */
+        PyObject *r = PyObject_CallObject(mh->noop, NULL);
+        if (!r) {
+            pthread_mutex_lock(&mh->lock);
+            w->waiting = 0;
+            if (left > 0) {
+                w->deadline = now_mono() + left;
+                watchdog_kick_locked(mh, w->deadline);
+            }
+            pthread_mutex_unlock(&mh->lock);
+            return NULL;
+        }
+        Py_DECREF(r);
+    }
     PyThreadState *ts = PyEval_SaveThread();
     pthread_mutex_lock(&mh->lock);
     output_release_locked(w, c); /* an input() prompt, for one */
     int told = 0;
-    double left = 0;
     for (;;) {
         if (c->dead || w->timed_out || mh->stopping || c->exiting)
             break;
@@ -2929,14 +2997,6 @@ static PyObject *stdin_readline(worker *w, client *c, int binary)
             pthread_mutex_lock(&mh->lock);
             told = 1;
             continue;
-        }
-        if (!w->waiting) { /* the wait is the client's time, not ours */
-            w->waiting = 1;
-            w->int_deadline = 0; /* an earlier interrupt was dealt with */
-            left = w->deadline > 0 ? w->deadline - now_mono() : 0;
-            if (w->deadline > 0 && left < 0.001)
-                left = 0.001;
-            w->deadline = 0;
         }
         c->in_waiters++;
         pthread_cond_wait(&c->cv, &mh->lock);
@@ -4701,6 +4761,7 @@ static client *process_job(worker *w, client *c)
     w->again = mh->last_job_id == c->id;
     mh->last_job_id = c->id;
     int requeue = 0;
+again:
     while (!c->dead && !c->exiting && !mh->stopping) {
         int kind;
         if (buf_used(&c->out) + c->tx_backlog >= mh->cfg.max_output) {
@@ -4748,6 +4809,7 @@ static client *process_job(worker *w, client *c)
         client_output_str(w, c, "\nKeyboardInterrupt\n");
         write_prompt(w, c, 0);
         pthread_mutex_lock(&mh->lock);
+        goto again; /* lines that came meanwhile found the client busy */
     }
     c->runner = NULL;
     w->c = NULL;
@@ -6204,7 +6266,8 @@ static int py_open(manhole *mh)
     PyErr_Clear();
     threads_wrap(mod, 1);
     mh->complete_fn = make_from_source(complete_src, NULL);
-    if (!mh->complete_fn)
+    mh->noop = make_from_source("def _make():\n    return lambda: None\n", NULL);
+    if (!mh->complete_fn || !mh->noop)
         goto fail_support;
     PyObject *builtins = PyImport_ImportModule("builtins");
     PyObject *codeop = PyImport_ImportModule("codeop");
@@ -6268,6 +6331,7 @@ fail_support: {
     Py_CLEAR(mh->filename);
     Py_CLEAR(mh->single);
     Py_CLEAR(mh->complete_fn);
+    Py_CLEAR(mh->noop);
     support_release(&ts);
 }
 fail: {
@@ -6728,6 +6792,7 @@ void manhole_close(manhole *mh)
     Py_CLEAR(mh->filename);
     Py_CLEAR(mh->single);
     Py_CLEAR(mh->complete_fn);
+    Py_CLEAR(mh->noop);
     PyThreadState *main_ts = NULL;
     if (support_release(&main_ts)) {
         if (PyThreadState_Get() != main_ts) {

@@ -854,7 +854,8 @@ struct hs {
     int hello_sent;
     int state;
     int code;
-    char msg[512];
+    char msg[1024];
+    double greet_deadline; /* greet_first: a socket silent until then is no manhole */
     struct buf pre;  /* what came before the hello reply: banner and prompt */
     pid_t pid;       /* probes: whose socket */
     char *path;
@@ -935,19 +936,30 @@ static void hs_run(struct hs *hs, size_t n, double deadline)
     struct pollfd *pf = xrealloc(NULL, n * sizeof *pf);
     for (;;) {
         size_t live = 0;
+        double next = deadline;
         for (size_t i = 0; i < n; i++) {
             pf[i].fd = -1;
             pf[i].events = 0;
             pf[i].revents = 0;
             if (hs[i].state != HS_RUN)
                 continue;
+            if (hs[i].greet_first && !hs[i].hello_sent) {
+                if (!ms_until(hs[i].greet_deadline)) {
+                    hs_timeout(&hs[i]);
+                    continue;
+                }
+                if (hs[i].greet_deadline < next)
+                    next = hs[i].greet_deadline;
+            }
             pf[i].fd = hs[i].c.fd;
             pf[i].events = POLLIN | (hs[i].c.out.len ? POLLOUT : 0);
             live++;
         }
         if (!live)
             break;
-        int ms = ms_until(deadline);
+        if (ms_until(next) == 0 && next < deadline)
+            continue;
+        int ms = ms_until(next);
         if (ms == 0) {
             for (size_t i = 0; i < n; i++)
                 if (hs[i].state == HS_RUN)
@@ -978,6 +990,7 @@ static void hs_run(struct hs *hs, size_t n, double deadline)
 struct cand {
     pid_t pid;
     char *path;
+    char comm[32];
 };
 
 #ifdef __linux__
@@ -1127,6 +1140,9 @@ static size_t find_candidates(pid_t only, struct cand **out, int *err)
                 }
                 (*out)[n].pid = pids[i];
                 (*out)[n].path = xstrdup(ls[j].path);
+                proc_comm(pids[i], (*out)[n].comm, sizeof (*out)[n].comm);
+                if (!(*out)[n].comm[0])
+                    strcpy((*out)[n].comm, "?");
                 n++;
             }
         }
@@ -1152,10 +1168,12 @@ static struct hs *probe_all(struct cand *cs, size_t n, double deadline)
         hs[i].pid = cs[i].pid;
         hs[i].path = cs[i].path;
         hs[i].greet_first = 1;
+        /* a manhole greets at once; most other sockets wait for a request */
+        hs[i].greet_deadline = now() + (deadline - now()) / 5;
         if (fd < 0) {
             hs[i].state = HS_FAIL;
             hs[i].code = code;
-            snprintf(hs[i].msg, sizeof hs[i].msg, "%.500s", errmsg);
+            snprintf(hs[i].msg, sizeof hs[i].msg, "%.900s", errmsg);
         }
     }
     hs_run(hs, n, deadline);
@@ -1184,17 +1202,17 @@ static int do_list(void)
     if (n > 512)
         n = 512;
     qsort(cs, n, sizeof *cs, cmp_cand);
-    double t = opt.timeout < 2 ? opt.timeout : 2;
-    struct hs *hs = probe_all(cs, n, now() + t);
+    struct hs *hs = probe_all(cs, n, now() + opt.timeout);
     int found = 0;
     for (size_t i = 0; i < n; i++) {
         if (hs[i].state != HS_OK)
             continue;
         if (!found)
             printf("%-8s %-16s %s\n", "PID", "COMMAND", "PATH");
-        char comm[64];
-        proc_comm(hs[i].pid, comm, sizeof comm);
-        printf("%-8ld %-16s %s\n", (long)hs[i].pid, comm, hs[i].path);
+        for (char *p = cs[i].comm; *p; p++)
+            if (*p == ' ' || (unsigned char)*p < 0x20)
+                *p = '_'; /* one word, so that the path is the rest of the line */
+        printf("%-8ld %-16s %s\n", (long)hs[i].pid, cs[i].comm, hs[i].path);
         found++;
     }
     for (size_t i = 0; i < n; i++) {
@@ -1347,23 +1365,26 @@ static void open_session(struct session *s)
                 manholes++;
                 pick = i;
             }
+        int rc = 0;
         if (manholes > 1) {
-            term_restore();
             fprintf(stderr,
                     "manhole-cli: process %ld (%s) has %zu manholes; choose one with --path:\n",
                     (long)pid, comm, manholes);
             for (size_t i = 0; i < n; i++)
                 if (is_manhole(&hs[i]))
                     fprintf(stderr, "  manhole-cli --path %s %ld\n", hs[i].path, (long)pid);
-            exit(EXIT_USAGE);
+            rc = EXIT_USAGE;
+        } else if (manholes == 0) {
+            snprintf(errmsg, sizeof errmsg,
+                     "process %ld (%s) listens on %zu UNIX sockets but none answered as a manhole",
+                     (long)pid, comm, n);
+            rc = EXIT_NOANSWER;
+        } else if (hs[pick].state != HS_OK) {
+            snprintf(errmsg, sizeof errmsg, "%s", hs[pick].msg);
+            rc = hs[pick].code;
+        } else {
+            take_hs(s, &hs[pick]);
         }
-        if (manholes == 0)
-            die(EXIT_NOANSWER,
-                "process %ld (%s) listens on %zu UNIX sockets but none answered as a manhole",
-                (long)pid, comm, n);
-        if (hs[pick].state != HS_OK)
-            die(hs[pick].code, "%s", hs[pick].msg);
-        take_hs(s, &hs[pick]);
         for (size_t i = 0; i < n; i++) {
             conn_free(&hs[i].c);
             buf_free(&hs[i].pre);
@@ -1371,6 +1392,10 @@ static void open_session(struct session *s)
         }
         free(hs);
         free(cs);
+        if (rc == EXIT_USAGE)
+            exit(rc);
+        if (rc)
+            die(rc, "%s", errmsg);
         return;
 #else
         die(EXIT_USAGE,
@@ -1450,7 +1475,7 @@ static int run_script(struct session *s, const char *filename, const char *src, 
             case EV_P:
                 if (got_s) {
                     free(e.data);
-                    conn_free(c);
+                    buf_free(&in);
                     return status ? EXIT_RAISED : 0;
                 }
                 break;
@@ -1467,6 +1492,7 @@ static int run_script(struct session *s, const char *filename, const char *src, 
             free(e.data);
         }
         if (c->eof) {
+            buf_free(&in);
             if (got_x)
                 return xcode;
             die(EXIT_CLOSED, "%s: the server closed the connection", c->name);
@@ -1551,6 +1577,7 @@ static int comp_id;
 static char **listing;         /* candidates to list after a double Tab */
 static size_t nlisting;
 static int dumb;               /* TERM=dumb: no cursor control */
+static int line_open;          /* the cursor ends an abandoned edited line */
 
 struct qline {
     char *text;
@@ -1827,6 +1854,10 @@ static void above(const char *d, size_t n)
 
 static void ed_start(int mode)
 {
+    if (line_open) {
+        line_open = 0;
+        term_puts("\n");
+    }
     ed_mode = mode;
     buf_clear(&ed_tail);
     buf_add(&ed_tail, buf_str(&tail), tail.len);
@@ -2080,35 +2111,40 @@ static void lq_clear(void)
     auto_close = 0;
 }
 
-/* Is the next non-blank line of the paste indented? 1 yes, 0 no, -1 none
- * known yet. Looks at the queue, then at what the terminal has sent. */
-static int next_indented(void)
+/* Does the next non-blank line of the paste continue the open block
+ * (indented, or else/elif/except/finally)? 1 yes, 0 no, -1 not known yet.
+ * Looks at the queue, then at the rest of the paste, then at what the
+ * terminal has sent. */
+static int continues_block(const char *line)
+{
+    if (line[0] == ' ' || line[0] == '\t')
+        return 1;
+    return starts_kw(line, "else") || starts_kw(line, "elif") || starts_kw(line, "except") ||
+           starts_kw(line, "finally");
+}
+
+static int next_continues(void)
 {
     for (size_t i = lq_head + 1; i < lq_len; i++)
         if (!blank(lq[i].text))
-            return lq[i].text[0] == ' ' || lq[i].text[0] == '\t';
-    const char *cs[2] = {carry, NULL};
+            return continues_block(lq[i].text);
     struct buf tmp = {0};
+    if (carry) {
+        buf_adds(&tmp, carry);
+        buf_addc(&tmp, '\n');
+    }
     buf_add(&tmp, buf_str(&ibuf), ibuf.len);
-    tmp.p[tmp.len] = '\0';
-    cs[1] = tmp.p;
     int r = -1;
-    for (int k = 0; k < 2 && r < 0; k++) {
-        const char *p = cs[k];
-        if (!p)
+    const char *p = buf_str(&tmp);
+    for (;;) { /* the first line with something on it */
+        size_t sp = strspn(p, " \t\f");
+        if (p[sp] == '\r' || p[sp] == '\n') {
+            p += sp + 1;
             continue;
-        /* skip blank lines */
-        for (;;) {
-            size_t sp = strspn(p, " \t\f");
-            if (p[sp] == '\r' || p[sp] == '\n') {
-                p += sp + 1;
-                continue;
-            }
-            if (p[sp]) {
-                r = sp > 0;
-            }
-            break;
         }
+        if (p[sp])
+            r = continues_block(p);
+        break;
     }
     buf_free(&tmp);
     return r;
@@ -2144,10 +2180,10 @@ static int lq_send_next(void)
     while (lq_head < lq_len) {
         struct qline *q = &lq[lq_head];
         if (pkind == 2 && !blk.triple && blank(q->text)) {
-            int ind = next_indented();
-            if (ind < 0 && tty_read_more(50) > 0)
-                ind = next_indented();
-            if (ind == 1) { /* a blank line inside a function body */
+            int more = next_continues();
+            if (more < 0 && tty_read_more(50) > 0)
+                more = next_continues();
+            if (more == 1) { /* a blank line inside a function body */
                 lq_drop_front();
                 continue;
             }
@@ -2371,8 +2407,37 @@ static void show_output(const char *d, size_t n)
         above(d, n);
         return;
     }
+    if (line_open) {
+        line_open = 0;
+        if (n && d[0] != '\n')
+            term_puts("\n");
+    }
     term_write(d, n);
     tail_feed(&tail, d, n);
+}
+
+/* A prompt while a line is being edited (an interrupt crossed a line on
+ * its way): the line goes off the screen, its text to the next prompt. */
+static void ed_abandon(void)
+{
+    if (!ed_active)
+        return;
+    ed_hide();
+    if (saved_text && saved_text[0]) {
+        free(carry);
+        carry = saved_text;
+        carry_back = saved_after;
+    } else {
+        free(saved_text);
+    }
+    saved_text = NULL;
+    ed_hidden = 0;
+    ed_active = 0;
+    buf_clear(&tail);
+    buf_add(&tail, buf_str(&ed_tail), ed_tail.len);
+    buf_clear(&ed_tail);
+    if (tail.len && !dumb) /* the hidden prompt took the tail with it */
+        term_write(tail.p, tail.len);
 }
 
 static void on_prompt(const char *d, size_t n)
@@ -2388,6 +2453,7 @@ static void on_prompt(const char *d, size_t n)
         term_write(buf_str(b), b->len);
         tail_feed(&tail, buf_str(b), b->len);
     }
+    ed_abandon();
     running = 0;
     pkind = kind;
     buf_clear(&cur_prompt);
@@ -2411,6 +2477,7 @@ static void on_prompt(const char *d, size_t n)
 
 static void on_input_wanted(void)
 {
+    ed_abandon();
     running = 0;
     if (closing)
         return;
@@ -2622,17 +2689,23 @@ static void on_interrupt(void)
     if (closing)
         finish(EXIT_INTERRUPTED);
     if (ed_active) {
-        el_run(KEY_NEWLINE, 1); /* leave the line on the screen */
         ed_active = 0;
         buf_clear(&ed_tail);
         if (ed_mode == 'P' && pkind == 1) {
+            el_run(KEY_NEWLINE, 1); /* leave the line on the screen */
             term_puts("KeyboardInterrupt\n");
             buf_clear(&stmt);
             blk_reset();
             ed_start('P');
             return;
         }
-        /* a half-entered block, or input(): the server drops it */
+        /* a half-entered block, or input(): the server drops it and says
+         * so on a line of its own */
+        const LineInfoW *li = el_wline(el);
+        el_cursor(el, (int)(li->lastchar - li->cursor));
+        el_run(KEY_REFRESH, 1);
+        line_open = 1;
+        buf_clear(&tail);
         send_interrupt(&S->c);
         running = 1;
         return;
@@ -2670,8 +2743,8 @@ static void on_server_closed(void)
         term_puts("\n");
     if (got_x)
         finish(x_code);
-    if (closing)
-        finish(0);
+    if (closing || running)
+        finish(0); /* end of input, or exit()/quit() ended the session */
     hist_save();
     die(EXIT_CLOSED, "%s: the server closed the connection", S->c.name);
 }
@@ -2694,10 +2767,11 @@ static int interactive(struct session *s)
     el_set(el, EL_PROMPT_ESC, prompt_fn, '\1');
     el_set(el, EL_HIST, history, hist);
     el_set(el, EL_GETCFN, getc_fn);
-    el_set(el, EL_ADDFN, "mh-complete", "complete from the live process", fn_complete);
-    el_set(el, EL_ADDFN, "mh-eof", "delete a character, or leave on an empty line", fn_eof);
-    el_set(el, EL_ADDFN, "mh-redisplay", "redraw the line", fn_redisplay);
-    el_set(el, EL_ADDFN, "mh-refresh", "refresh the line", fn_refresh);
+    /* the wide calls: the narrow EL_ADDFN copies the names and never frees them */
+    el_wset(el, EL_ADDFN, L"mh-complete", L"complete from the live process", fn_complete);
+    el_wset(el, EL_ADDFN, L"mh-eof", L"delete a character, or leave on an empty line", fn_eof);
+    el_wset(el, EL_ADDFN, L"mh-redisplay", L"redraw the line", fn_redisplay);
+    el_wset(el, EL_ADDFN, L"mh-refresh", L"refresh the line", fn_refresh);
     el_set(el, EL_BIND, "^I", "mh-complete", NULL);
     el_set(el, EL_BIND, "^D", "mh-eof", NULL);
     el_set(el, EL_BIND, KEY_REDISPLAY, "mh-redisplay", NULL);
@@ -2720,8 +2794,7 @@ static int interactive(struct session *s)
             show_listing();
         if (ed_active && ibuf.len && !sig_int && !sig_term && !sig_tstp) {
             feed_editor();
-            if (!q_empty(c) || (ed_active && ibuf.len))
-                continue;
+            continue;
         }
         struct pollfd pf[3] = {
             {c->eof ? -1 : c->fd, (short)(POLLIN | (c->out.len ? POLLOUT : 0)), 0},
@@ -2875,9 +2948,10 @@ int main(int argc, char **argv)
     open_session(&s);
     if (interactive_mode)
         return interactive(&s);
-    if (opt.command)
-        return run_script(&s, "<string>", opt.command, strlen(opt.command), 1);
-    int rc = run_script(&s, "<stdin>", buf_str(&script), script.len, 0);
+    int rc = opt.command ? run_script(&s, "<string>", opt.command, strlen(opt.command), 1)
+                         : run_script(&s, "<stdin>", buf_str(&script), script.len, 0);
     buf_free(&script);
+    buf_free(&s.banner);
+    conn_free(&s.c);
     return rc;
 }

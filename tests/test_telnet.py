@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from conftest import DEMO, TIMEOUT, default_secret_path
+from conftest import DEMO, TIMEOUT, default_secret_path, wait_true
 
 pexpect = pytest.importorskip("pexpect")
 pytestmark = pytest.mark.skipif(not shutil.which("telnet"), reason="telnet is not installed")
@@ -21,15 +21,16 @@ def telnet(p, secret=True):
 
 
 def test_telnet_ctrl_c_interrupts_while_true_and_keeps_the_session(start):
-    p = start(DEMO, "--port", "0", "--timeout", "0")
+    p = start(DEMO, "--port", "0", "--timeout", "0")  # (a shared namespace)
     t = telnet(p)
     t.sendline("kept = 41 + 1")
     t.expect(">>> ")
-    t.sendline("while True: pass")
+    t.sendline("while True: spinning = True")
     t.expect(r"\.\.\. ")
     t.sendline("")
-    # A round trip from another client shows the statement is running.
-    assert p.client().cmd("'other client'") == "'other client'\n"
+    # Another client sees the statement running before Ctrl-C is pressed.
+    other = p.client()
+    wait_true(lambda: other.cmd("'spinning' in dir()") == "True\n", what="statement running")
     t.sendcontrol("c")
     t.expect("KeyboardInterrupt\r\n>>> ")
     assert "Traceback (most recent call last)" in t.before.decode()
