@@ -35,11 +35,12 @@
  *    queued, sends the output itself, with neither the GIL nor the lock
  *    (direct_send(): one non-blocking send; what the socket does not take
  *    goes back to the host), and the host is not woken: a round trip pays
- *    one hand-off between threads, not two. It then spins for WARM_SPIN
- *    (25 us, one worker at most) before it sleeps: a client in lock-step
- *    has its next line queued by then, and the host's wake-up of a
- *    sleeping worker is saved too. Under load (jobs queued) the host sends,
- *    many clients per wake-up, and the workers only run statements.
+ *    one hand-off between threads, not two. If that client had the job
+ *    before too (a client alone in lock-step), the worker then spins for
+ *    WARM_SPIN (25 us, one worker at most) before it sleeps: the client's
+ *    next line is queued by then, and the host's wake-up of a sleeping
+ *    worker is saved too. Under load (jobs queued) the host sends, many
+ *    clients per wake-up, and the workers only run statements.
  *  - The watchdog (created with the first worker, or when a timeout is
  *    set): sleeps until the earliest statement deadline, writes the
  *    TimeoutError report for an expired statement, and interrupts it with
