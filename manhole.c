@@ -35,7 +35,9 @@
  *    queued, sends the output itself, with neither the GIL nor the lock
  *    (direct_send(): one non-blocking send; what the socket does not take
  *    goes back to the host), and the host is not woken: a round trip pays
- *    one hand-off between threads, not two. If that client had the job
+ *    one hand-off between threads, not two. Meanwhile it counts as idle:
+ *    a line that arrives is its next job, taken without a wake-up (and no
+ *    sign of a starved queue for the watchdog). If that client had the job
  *    before too (a client alone in lock-step), the worker then spins for
  *    WARM_SPIN (25 us, one worker at most) before it sleeps: the client's
  *    next line is queued by then, and the host's wake-up of a sleeping
@@ -600,8 +602,10 @@ struct manhole {
     int stopping;
     worker *workers;
     int nworkers;           /* not abandoned, not exited */
-    int nidle;              /* workers waiting for a job (spinning included) */
+    int nidle;              /* workers waiting for a job (nsoon included) */
     int nspin;              /* workers spinning for one (WARM_SPIN) */
+    int nsoon;              /* workers that look at the queue again without
+                               a signal: spinning, or sending an answer */
     unsigned last_job_id;   /* the client whose job a worker took last */
     unsigned jobs_seq;      /* bumped per job queued while one spins (atomic) */
     int njobs;              /* jobs queued */
@@ -4681,9 +4685,9 @@ static void enqueue_locked(client *c)
     mh->jq_tail = c;
     mh->njobs++;
     if (mh->cfg.threaded) {
-        if (mh->nspin) /* a spinning worker takes it: no futex call */
+        if (mh->nsoon) /* a worker about to look takes it: no futex call */
             __atomic_store_n(&mh->jobs_seq, mh->jobs_seq + 1, __ATOMIC_RELEASE);
-        if (mh->njobs > mh->nspin)
+        if (mh->njobs > mh->nsoon)
             pthread_cond_signal(&mh->work_cv);
         /* A signalled worker counts as idle until it runs, so compare the
          * queue with the idle workers rather than trust the signal. With
@@ -4827,9 +4831,11 @@ again:
     c->busy = 0;
     client *send = NULL;
     if (!c->dead) {
-        if (direct_ok_locked(w, c))
+        if (direct_ok_locked(w, c)) {
             send = c; /* the host is not woken */
-        else
+            mh->nidle++; /* it looks at the queue right after (worker_main) */
+            mh->nsoon++;
+        } else
             mark_dirty_locked(c); /* let the host flush and look at it */
     }
     w->hold_until = 0;
@@ -5120,10 +5126,12 @@ static void *worker_main(void *arg)
             warm = 0;
             mh->nidle++;
             mh->nspin++;
+            mh->nsoon++;
             unsigned seq = __atomic_load_n(&mh->jobs_seq, __ATOMIC_ACQUIRE);
             pthread_mutex_unlock(&mh->lock);
             spin_for_job(mh, seq);
             pthread_mutex_lock(&mh->lock);
+            mh->nsoon--;
             mh->nspin--;
             mh->nidle--;
             continue;
@@ -5145,6 +5153,10 @@ static void *worker_main(void *arg)
         if (send) /* spin only for a client alone in lock-step (see WARM_SPIN) */
             warm = direct_send(w, send) && w->again;
         pthread_mutex_lock(&mh->lock);
+        if (send) { /* (counted idle since its job ended: process_job) */
+            mh->nsoon--;
+            mh->nidle--;
+        }
         if (w->timed_out) {
             /* We were abandoned and are back: rejoin the pool if there is
              * room, else go. */
@@ -5698,7 +5710,7 @@ static int completion_request(client *c, const char *p, size_t n)
         mh->cq_head = j;
     mh->cq_tail = j;
     if (mh->cfg.threaded) {
-        if (mh->nspin) /* (a spinning worker takes it) */
+        if (mh->nsoon) /* (a worker about to look takes it) */
             __atomic_store_n(&mh->jobs_seq, mh->jobs_seq + 1, __ATOMIC_RELEASE);
         pthread_cond_signal(&mh->work_cv);
         if (mh->nidle == 0) /* every worker busy (maybe with this client) */
