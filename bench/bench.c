@@ -627,6 +627,20 @@ static long rss_of(proc_t *h)
     return atol(line + 4);
 }
 
+/* The 1-minute load average (Linux; -1 elsewhere): how busy the machine
+ * was, for whoever reads the figures. */
+static double loadavg(void)
+{
+    double l = -1;
+    FILE *f = fopen("/proc/loadavg", "r");
+    if (f) {
+        if (fscanf(f, "%lf", &l) != 1)
+            l = -1;
+        fclose(f);
+    }
+    return l;
+}
+
 /* ---- main ------------------------------------------------------------- */
 
 int main(int argc, char **argv)
@@ -663,6 +677,7 @@ int main(int argc, char **argv)
     double tp_secs = quick ? 0.5 : 2.0;
     char v[32], sp[40], ra[40];
 
+    double load0 = loadavg();
     pick_cpus();
     pin_to(cpu_client);
     if (cpu_client >= 0)
@@ -987,6 +1002,9 @@ int main(int argc, char **argv)
         row("connects/s (banner and prompt received)", fmt(v, sizeof v, "%.0f", connects), "",
             "", "", 1);
     }
+
+    row("machine load (1-min average), start and end", fmt(v, sizeof v, "%.2f", load0),
+        fmt(sp, sizeof sp, "end %.2f", loadavg()), "", "", 1);
 
     /* The table. */
     fprintf(stderr, "\n");
