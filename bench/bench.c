@@ -17,7 +17,8 @@
  *    idle fd-set host with 100 idle clients;
  *  - the host loop's turn while 10 clients burn CPU in Python;
  *  - RSS per client, idle and after a statement that printed, the worst
- *    case per client at the default limits, and connects per second.
+ *    case per client at the default limits, and connects per second;
+ *  - the machine's load average, start and end, to read the rest by.
  *
  *   bench [--quick] [--baseline DIR]
  *
@@ -224,7 +225,7 @@ typedef struct {
     FILE *out;
 } proc_t;
 
-/* Start bench-host; prio is "nice" (the library's default) or "idle";
+/* Start dir/bench-host; prio is "nice" (the library's default) or "idle";
  * pinned: on the server CPU. */
 static proc_t start_host_in(const char *dir, const char *path, const char *mode,
                             const char *timeout, const char *prio, int pinned)
