@@ -54,7 +54,9 @@
  *    against its deadline, and it raises the client's interrupt itself. The
  *    watchdog takes the GIL only to deliver an interrupt, never while
  *    holding mh->lock. And it hands the host output that a worker has held
- *    back for OUTPUT_HOLD.
+ *    back for OUTPUT_HOLD: while statements keep coming it looks every
+ *    OUTPUT_HOLD (for HOLD_LINGER after the last), rather than be woken
+ *    for each.
  *
  * Completion requests are a second queue (mh->cq) that any worker takes
  * before client jobs: a client's completion is answered while its own
@@ -615,6 +617,7 @@ struct manhole {
     int worker_seq;
     int wd_started, wd_exited, wd_stop;
     double wd_wake_at;      /* when the watchdog will look next (0: never) */
+    double hold_last;       /* when a worker last began to hold output */
     int nreap;              /* exited workers to join */
     pthread_t wd_thread;
     worker hostw;           /* non-threaded mode */
@@ -2048,6 +2051,10 @@ static int buf_add_escaped(buf *b, const char *p, size_t n)
  * sent by its worker (direct_send()), and the host is not woken; the
  * watchdog hands the host whatever is held longer. */
 #define OUTPUT_HOLD 0.001
+/* While workers keep holding output, the watchdog looks every OUTPUT_HOLD
+ * (until HOLD_LINGER after the last hold began) rather than be signalled
+ * for each statement. */
+#define HOLD_LINGER 0.01
 
 /* New output for c is in c->out (lock held). In threaded mode the worker
  * w holds it back (see OUTPUT_HOLD). Returns 1 when the watchdog must be
@@ -2063,7 +2070,8 @@ static int output_added_locked(worker *w, client *c)
     }
     if (w->hold_until > 0)
         return 0;
-    w->hold_until = now_mono() + OUTPUT_HOLD;
+    mh->hold_last = now_mono();
+    w->hold_until = mh->hold_last + OUTPUT_HOLD;
     if (mh->wd_wake_at == 0 || mh->wd_wake_at > w->hold_until) {
         mh->wd_wake_at = w->hold_until;
         return 1;
@@ -5365,6 +5373,9 @@ static void *watchdog_main(void *arg)
                     pending = 1;
             }
         }
+        if (mh->hold_last > 0 && now < mh->hold_last + HOLD_LINGER &&
+            (next == 0 || now + OUTPUT_HOLD < next))
+            next = now + OUTPUT_HOLD; /* statements keep coming: tick */
         if (mh->starve_since > 0) {
             if (mh->njobs <= mh->nidle || mh->stopping) {
                 mh->starve_since = 0;
