@@ -84,7 +84,7 @@ hosts: $(HOSTS)
 # The client (cli/): libc and libedit only, no Python.
 EDIT_CFLAGS = $(shell pkg-config --cflags libedit 2>/dev/null)
 EDIT_LIBS = $(shell pkg-config --libs libedit 2>/dev/null || echo -ledit)
-$(B)/cli/manhole-cli: cli/manhole-cli.c
+$(B)/cli/manhole-cli: cli/manhole-cli.c manhole.h
 	@mkdir -p $(B)/cli
 	$(CC) -std=c11 $(OPTIMIZATION) $(DEBUG) $(WARNINGS) $(EDIT_CFLAGS) $(VARIANT_CFLAGS) \
 	      $(CFLAGS) $(REAL_LDFLAGS) -o $@ cli/manhole-cli.c $(EDIT_LIBS)

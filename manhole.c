@@ -452,6 +452,7 @@ struct client {
     unsigned char intr_pending; /* interrupt for the next statement, or
                                for the prompt if none starts */
     unsigned char out_nl;   /* output so far ends a line (or a prompt) */
+    unsigned char out_tail_e; /* out ends with an E record (it may grow) */
     unsigned char leaving;  /* exit()/quit(): close, report nothing */
     unsigned char has_session;
     unsigned char in_paused;/* input queue over max_input */
@@ -638,6 +639,7 @@ struct manhole {
     PyObject *compiler_cls; /* codeop.CommandCompiler */
     PyObject *filename;     /* "<stdin>" */
     PyObject *single;       /* "single" */
+    PyObject *glue;         /* the support module's glue (make_glue) */
     PyObject *complete_fn;  /* (namespace, text) -> (n, candidates) */
     PyObject *noop;         /* lambda: None */
     unsigned long host_py_tid; /* Python's id for the thread that opened */
@@ -1112,7 +1114,7 @@ static int unix_listen(manhole *mh)
      * private directory beside it, given its mode there, and renamed into
      * place, which replaces a name and follows no link. */
     struct sockaddr_un tsa = sa;
-    char tdir[PATH_MAX] = "", tsock[PATH_MAX] = "";
+    char tdir[PATH_MAX] = "", tsock[PATH_MAX + 4] = "";
     int near = 0; /* bind at the path itself, set the mode without links */
     if (wider) {
         int k = snprintf(tdir, sizeof tdir, "%s/.manhole-XXXXXX", dir);
@@ -1891,6 +1893,7 @@ static int frame_bytes(client *c, const unsigned char *p, size_t n, buf *recs)
                     static const char tm[3] = {(char)TN_IAC, (char)TN_WILL, (char)TN_OPT_TM};
                     pthread_mutex_lock(&mh->lock);
                     buf_add(&c->out, tm, 3);
+                    c->out_tail_e = 0;
                     mark_dirty_locked(c);
                     pthread_mutex_unlock(&mh->lock);
                 }
@@ -2117,6 +2120,8 @@ static void client_output_ex(worker *w, client *c, const char *p, size_t n, int 
          * cap (process_job). */
         if (!thread && (!w || !w->running))
             room = n;
+        if (raw && room > 0)
+            room = n; /* a record is never split (nothing may come between) */
         if (room == 0) {
             if (thread)
                 thread_output_wait(c);
@@ -2127,6 +2132,7 @@ static void client_output_ex(worker *w, client *c, const char *p, size_t n, int 
         size_t k = MH_MIN(room, n);
         if ((c->ext && !raw ? buf_add_escaped(&c->out, p, k) : buf_add(&c->out, p, k)) < 0)
             break;
+        c->out_tail_e = raw && k == n && n > 3 && p[3] == 'E';
         p += k;
         n -= k;
         wake_wd |= output_added_locked(w, c);
@@ -2160,9 +2166,40 @@ static void client_record(worker *w, client *c, char type, const char *payload,
     buf_free(&b);
 }
 
-static void client_output_str(worker *w, client *c, const char *s)
+/* What goes to the client's stderr (tracebacks, reports, "manhole:"
+ * lines): for a rich client an E record, so it can tell it from output. */
+static void client_error(worker *w, client *c, const char *p, size_t n)
 {
-    client_output(w, c, s, strlen(s));
+    manhole *mh = c->mh;
+    if (n == 0)
+        return;
+    pthread_mutex_lock(&mh->lock);
+    int ext = c->ext;
+    if (ext) {
+        c->out_nl = p[n - 1] == '\n';
+        if (c->out_tail_e && buf_used(&c->out) >= 2 && !c->dead &&
+            buf_used(&c->out) + c->tx_backlog < mh->cfg.max_output) {
+            /* The buffer ends with an E record not yet taken by the host:
+             * it grows (a traceback is many small writes, one record). */
+            c->out.len -= 2;
+            buf_add_escaped(&c->out, p, n);
+            const char end[2] = {(char)TN_IAC, (char)TN_SE};
+            buf_add(&c->out, end, 2);
+            mark_dirty_locked(c);
+            pthread_mutex_unlock(&mh->lock);
+            return;
+        }
+    }
+    pthread_mutex_unlock(&mh->lock);
+    if (ext)
+        client_record(w, c, 'E', p, n);
+    else
+        client_output(w, c, p, n);
+}
+
+static void client_error_str(worker *w, client *c, const char *s)
+{
+    client_error(w, c, s, strlen(s));
 }
 
 /* A thread a statement started writes faster than its client reads: it
@@ -2879,7 +2916,11 @@ static PyObject *proxy_write(PyObject *self, PyObject *arg)
             n = PyBytes_GET_SIZE(tmp);
         }
     }
-    if (!completing())
+    if (completing())
+        ;
+    else if (p->kind == K_STDERR)
+        client_error(tl_worker, c, s, (size_t)n);
+    else
         client_output(tl_worker, c, s, (size_t)n);
     Py_XDECREF(tmp);
     if (have_view)
@@ -2991,7 +3032,7 @@ static PyObject *stdin_readline(worker *w, client *c, int binary)
                 c->inq.head += 5 + len;
                 input_drained_locked(c);
                 pthread_mutex_unlock(&mh->lock);
-                client_output(NULL, c, msg.p, msg.len);
+                client_error(NULL, c, msg.p, msg.len);
                 buf_free(&msg);
                 told = 0;
                 pthread_mutex_lock(&mh->lock);
@@ -3718,8 +3759,12 @@ static PyType_Spec proxy_spec = {"_manhole.StreamProxy", sizeof(ProxyObject), 0,
 static int mod_add_type(PyObject *mod, const char *name, PyType_Spec *spec,
                         PyObject *base)
 {
-    PyObject *t = base ? PyType_FromSpecWithBases(spec, base)
-                       : PyType_FromSpec(spec);
+    /* The bases as a tuple: 3.8 and 3.9 take nothing else. */
+    PyObject *bases = base ? PyTuple_Pack(1, base) : NULL;
+    if (base && !bases)
+        return -1;
+    PyObject *t = bases ? PyType_FromSpecWithBases(spec, bases) : PyType_FromSpec(spec);
+    Py_XDECREF(bases);
     if (!t)
         return -1;
     int r = PyModule_AddObject(mod, name, t);
@@ -3768,6 +3813,8 @@ static const char *const proxied[] = {"stdout", "stderr", "stdin"};
  * that never assigned sys.stdout. */
 static const char *const proxied_dunder[] = {"__stdout__", "__stderr__", "__stdin__"};
 
+static PyObject *make_glue(void);
+
 /* Find or create the support module; the first user installs the stream
  * proxies and the display hook. GIL held. Returns a borrowed reference. */
 static PyObject *support_acquire(int python_started_here, PyThreadState *ts)
@@ -3790,6 +3837,7 @@ static PyObject *support_acquire(int python_started_here, PyThreadState *ts)
             mod_add_type(mod, "StreamProxy", &proxy_spec, NULL) < 0 ||
             PyModule_AddIntConstant(mod, "users", 0) < 0 ||
             PyModule_AddIntConstant(mod, "owned", python_started_here) < 0 ||
+            PyModule_AddObject(mod, "glue", make_glue()) < 0 ||
             PyModule_AddObject(mod, "main_ts",
                                PyCapsule_New(ts ? (void *)ts : (void *)mod,
                                              "_manhole.main_ts", NULL)) < 0)
@@ -3980,6 +4028,120 @@ out:
     return stacks;
 }
 
+/* ---- What the interactive loop does that codeop does not ----------- */
+
+/* Python glue, one per interpreter (kept in the support module):
+ * syntax_error() reports an error as the interactive loop does; on 3.13+
+ * compile_numbered() and forget() give statements the "<stdin>-N" names
+ * and linecache entries that 3.13's loop gives them. */
+static const char glue_src[] =
+    "import sys, warnings\n"
+    "def syntax_error(source, filename, flags, at_eof):\n"
+    "    # The error compiling source (codeop found one, or end of input\n"
+    "    # left a block open), as the interactive loop reports it: its\n"
+    "    # tokenizer sees the newline typed after the last line, so an error\n"
+    "    # at the end of a line gets its caret there, and it never reports\n"
+    "    # 'incomplete input' (codeop's last compile leaks that in 3.10 and\n"
+    "    # in Debian's 3.11.2). Warnings were shown by codeop already.\n"
+    "    # None: no error (at end of input), or the input is incomplete\n"
+    "    # after all: 3.8's and 3.9's codeop probes with warnings made\n"
+    "    # errors, and so refuses a block holding '\\d' that the loop\n"
+    "    # takes; probed with warnings ignored (its logic otherwise), the\n"
+    "    # block goes on.\n"
+    "    with warnings.catch_warnings():\n"
+    "        warnings.simplefilter('ignore')\n"
+    "        try:\n"
+    "            compile(source, filename, 'single', flags, True)\n"
+    "            return None\n"
+    "        except SyntaxError as e:\n"
+    "            err = e\n"
+    "        if not at_eof and sys.version_info < (3, 10):\n"
+    "            try:\n"
+    "                compile(source + '\\n', filename, 'single', flags, True)\n"
+    "                return None\n"
+    "            except SyntaxError as e:\n"
+    "                if repr(e) != repr(err):\n"
+    "                    return None\n"
+    "    if at_eof and sys.version_info < (3, 9) and err.msg == 'unexpected EOF while parsing':\n"
+    "        return None  # 3.8's loop ends there without a word\n"
+    "    if sys.version_info >= (3, 10) and err.text and err.text.endswith('\\n'):\n"
+    "        err.text = err.text[:-1]  # as the 3.10+ tokenizer keeps it\n"
+    "    return err\n"
+    "count = 0\n"
+    "recent = []\n"
+    "def fix_text(err, source):\n"
+    "    # 3.13+: a SyntaxError out of a statement that parsed gets the\n"
+    "    # statement's line as its text, as the interactive loop does.\n"
+    "    lines = source.splitlines(True)\n"
+    "    if isinstance(err.lineno, int) and 0 < err.lineno <= len(lines):\n"
+    "        err.text = lines[err.lineno - 1]\n"
+    "def compile_numbered(tree, filename, flags, source):\n"
+    "    global count\n"
+    "    name = '%s-%d' % (filename, count)\n"
+    "    count += 1\n"
+    "    try:\n"
+    "        code = compile(tree, name, 'single', flags, True)\n"
+    "    except SyntaxError as e:\n"
+    "        fix_text(e, source)\n"
+    "        raise\n"
+    "    import linecache\n"
+    "    by_code = hasattr(linecache, '_interactive_cache')\n"
+    "    linecache._register_code(code if by_code else name, source, filename)\n"
+    "    return code\n"
+    "def forget(code):\n"
+    "    # A statement that defined no function, class or generator never\n"
+    "    # runs again: only the last 100 such keep their lines, so a client\n"
+    "    # sending millions of statements does not grow linecache.\n"
+    "    import linecache\n"
+    "    if hasattr(linecache, '_interactive_cache') or any(\n"
+    "            isinstance(k, type(code)) for k in code.co_consts):\n"
+    "        return\n"
+    "    recent.append(code.co_filename)\n"
+    "    if len(recent) > 100:\n"
+    "        linecache.cache.pop(recent.pop(0), None)\n";
+
+static PyObject *make_glue(void)
+{
+    PyObject *g = PyDict_New();
+    if (!g || PyDict_SetItemString(g, "__builtins__", PyEval_GetBuiltins()) < 0) {
+        Py_XDECREF(g);
+        return NULL;
+    }
+    PyObject *r = PyRun_String(glue_src, Py_file_input, g, g);
+    if (!r) {
+        Py_DECREF(g);
+        return NULL;
+    }
+    Py_DECREF(r);
+    return g;
+}
+
+/* Replace the pending SyntaxError with the one the interactive loop
+ * reports for text (see syntax_error above). GIL held. */
+static void interactive_syntax_error(client *c, PyObject *text, int at_eof)
+{
+    int flags = c->cc_flags;
+#ifdef PyCF_ALLOW_INCOMPLETE_INPUT
+    flags &= ~PyCF_ALLOW_INCOMPLETE_INPUT;
+#endif
+    PyObject *fn = PyDict_GetItemString(c->mh->glue, "syntax_error");
+    PyObject *t, *v, *tb;
+    PyErr_Fetch(&t, &v, &tb);
+    PyObject *e = fn ? PyObject_CallFunction(fn, "OOii", text, c->mh->filename, flags, at_eof)
+                     : NULL;
+    if (e) { /* None: no error after all */
+        if (e != Py_None)
+            PyErr_SetObject((PyObject *)Py_TYPE(e), e);
+        Py_XDECREF(t);
+        Py_XDECREF(v);
+        Py_XDECREF(tb);
+    } else { /* the glue failed: codeop's error stands */
+        PyErr_Clear();
+        PyErr_Restore(t, v, tb);
+    }
+    Py_XDECREF(e);
+}
+
 /* ---- Sessions --------------------------------------------------------- */
 
 static PyObject *ns_new(manhole *mh)
@@ -3990,6 +4152,30 @@ static PyObject *ns_new(manhole *mh)
     Py_INCREF(mh->core);
     ((NsObject *)ns)->core = mh->core;
     return ns;
+}
+
+/* With one shared namespace in a Python the library started itself, the
+ * namespace is __main__'s dict, as python3 -i's is: classes defined at the
+ * prompt pickle, `import __main__` sees the session's names. A module's
+ * dict is a plain dict, so the module is given the namespace instead,
+ * with the entries the interpreter put there (__builtins__, __loader__,
+ * __spec__, ...). A __main__ that is not a plain module is left alone. */
+static int ns_become_main(PyObject *ns)
+{
+    PyObject *main = PyImport_AddModule("__main__"); /* borrowed */
+    if (!main)
+        return -1;
+    Py_ssize_t off = Py_TYPE(main)->tp_dictoffset;
+    PyObject **slot = off > 0 ? (PyObject **)(void *)((char *)main + off) : NULL;
+    PyObject *old = PyModule_CheckExact(main) ? PyModule_GetDict(main) : NULL;
+    if (!slot || !old || *slot != old)
+        return 0;
+    if (PyDict_Update(ns, old) < 0)
+        return -1;
+    Py_INCREF(ns);
+    *slot = ns;
+    Py_DECREF(old);
+    return 0;
 }
 
 /* The flags codeop compiles this session's input with: its own
@@ -4027,9 +4213,15 @@ static void sync_flags_to_codeop(client *c)
  * flags, True) with its flags; the fast path makes exactly that call
  * once, from C, instead of codeop's two compiles under
  * warnings.catch_warnings(). Anything else (incomplete input, errors) goes
- * to codeop itself, so those keep its exact behaviour. (One difference is
- * left: a statement whose compilation warns and then fails in the code
- * generator shows the warning twice.) */
+ * to codeop itself, so those keep its exact behaviour, and an error is
+ * then reported as the interactive loop reports it (syntax_error in the
+ * glue). (One difference is left: a statement whose compilation warns and
+ * then fails in the code generator shows the warning twice.)
+ *
+ * 3.13+: the interactive loop parses a statement under "<stdin>", then
+ * compiles it under "<stdin>-N" and keeps its lines in linecache, so that
+ * tracebacks and warnings show them; so does the fast path here
+ * (compile_numbered in the glue). */
 static PyObject *compile_input(client *c, PyObject *src, const char *utf8)
 {
     manhole *mh = c->mh;
@@ -4046,9 +4238,25 @@ static PyObject *compile_input(client *c, PyObject *src, const char *utf8)
         if (*p)
             p++;
     }
+#if PY_VERSION_HEX >= 0x030D0000
+    PyCompilerFlags cf = {c->cc_flags | PyCF_ONLY_AST, PY_MINOR_VERSION};
+    PyObject *code = NULL;
+    PyObject *tree = Py_CompileStringObject(blank ? "pass" : utf8, mh->filename,
+                                            Py_single_input, &cf, -1);
+    if (tree) {
+        PyObject *fn = PyDict_GetItemString(mh->glue, "compile_numbered");
+        code = fn ? PyObject_CallFunction(fn, "OOiO", tree, mh->filename, c->cc_flags, src)
+                  : NULL;
+        Py_DECREF(tree);
+        if (!code)
+            return NULL; /* the compiler's error, named "<stdin>-N" */
+        cf.cf_flags = ((PyCodeObject *)code)->co_flags;
+    }
+#else
     PyCompilerFlags cf = {c->cc_flags, PY_MINOR_VERSION};
     PyObject *code = Py_CompileStringObject(blank ? "pass" : utf8, mh->filename,
                                             Py_single_input, &cf, -1);
+#endif
     if (code) {
         int futures = cf.cf_flags & PyCF_MASK;
         if ((c->cc_flags | futures) != c->cc_flags) { /* a new __future__ */
@@ -4061,6 +4269,16 @@ static PyObject *compile_input(client *c, PyObject *src, const char *utf8)
     code = PyObject_CallFunctionObjArgs(c->compiler, src, mh->filename, mh->single, NULL);
     if (code && code != Py_None && sync_flags_from_codeop(c) < 0)
         PyErr_Clear();
+    if (!code && PyErr_ExceptionMatches(PyExc_SyntaxError)) {
+        PyObject *typed = PyUnicode_FromFormat("%U\n", src); /* the newline typed */
+        if (typed)
+            interactive_syntax_error(c, typed, 0);
+        Py_XDECREF(typed);
+        if (!PyErr_Occurred()) { /* incomplete after all (3.8, 3.9) */
+            code = Py_None;
+            Py_INCREF(code);
+        }
+    }
     return code;
 }
 
@@ -4232,7 +4450,7 @@ static void timeout_report(worker *w, client *c)
              "%sTimeoutError: statement timed out after %g seconds; "
              "KeyboardInterrupt sent to it\n",
              nl ? "\n" : "", c->mh->cfg.timeout);
-    client_output(w, c, msg, strlen(msg));
+    client_error(w, c, msg, strlen(msg));
     c->raised = 1;
 }
 
@@ -4270,23 +4488,13 @@ static int exit_is_quitter(void)
     return quitter;
 }
 
-/* exit() or quit(): this client's session ends, as at end of input; the
- * host hears nothing of it. GIL held. */
-static void handle_leave(worker *w, client *c)
-{
-    manhole *mh = c->mh;
-    PyErr_Clear();
-    MH_UNUSED(w);
-    pthread_mutex_lock(&mh->lock);
-    c->exiting = 1;
-    c->leaving = 1;
-    buf_clear(&c->inq);
-    mark_dirty_locked(c);
-    pthread_mutex_unlock(&mh->lock);
-}
+static void handle_exit(worker *w, client *c, int leave);
 
-/* sys.exit() in a client: note the status, end the session. GIL held. */
-static void handle_exit(worker *w, client *c)
+/* SystemExit in a client: note the status, end the session. sys.exit(n)
+ * is reported to the host; exit() and quit() (leave) end this client's
+ * session only, as at end of input. A rich client learns the status
+ * either way (X record). GIL held. */
+static void handle_exit(worker *w, client *c, int leave)
 {
     manhole *mh = c->mh;
     PyObject *t, *v, *tb;
@@ -4308,8 +4516,11 @@ static void handle_exit(worker *w, client *c)
             PyObject *s = PyObject_Str(code);
             const char *txt = s ? PyUnicode_AsUTF8(s) : NULL;
             if (txt) {
-                client_output(w, c, txt, strlen(txt));
-                client_output(w, c, "\n", 1);
+                buf m = {0};
+                buf_add(&m, txt, strlen(txt));
+                buf_add(&m, "\n", 1);
+                client_error(w, c, m.p, m.len);
+                buf_free(&m);
             }
             PyErr_Clear();
             Py_XDECREF(s);
@@ -4327,11 +4538,13 @@ static void handle_exit(worker *w, client *c)
     }
     pthread_mutex_lock(&mh->lock);
     c->exiting = 1;
+    c->leaving = (unsigned char)leave;
     c->exit_status = status;
     buf_clear(&c->inq);
     mark_dirty_locked(c);
-    LOG_LOCKED(mh, MANHOLE_LOG_INFO, "client #%u called sys.exit(%d)", c->id,
-               status);
+    if (!leave)
+        LOG_LOCKED(mh, MANHOLE_LOG_INFO, "client #%u called sys.exit(%d)", c->id,
+                   status);
     pthread_mutex_unlock(&mh->lock);
 }
 
@@ -4456,7 +4669,7 @@ static void session_hooks_before(client *c)
 
 static void block_signals(void);
 
-static int run_code(worker *w, client *c, PyObject *code)
+static int run_code(worker *w, client *c, PyObject *code, PyObject *src)
 {
     PyObject *ns = c->ns;
     if (stmt_begin(w, c) < 0)
@@ -4508,12 +4721,23 @@ static int run_code(worker *w, client *c, PyObject *code)
         return RUN_OK;
     }
     if (PyErr_ExceptionMatches(PyExc_SystemExit)) {
-        if (exit_is_quitter())
-            handle_leave(w, c);
-        else
-            handle_exit(w, c);
+        handle_exit(w, c, exit_is_quitter());
         return RUN_EXIT;
     }
+#if PY_VERSION_HEX >= 0x030D0000
+    if (src && PyErr_ExceptionMatches(PyExc_SyntaxError)) { /* eval('1 +'), for one */
+        PyObject *t, *v, *tb;
+        PyErr_Fetch(&t, &v, &tb);
+        PyErr_NormalizeException(&t, &v, &tb);
+        PyObject *fn = PyDict_GetItemString(c->mh->glue, "fix_text");
+        PyObject *fixed = fn && v ? PyObject_CallFunctionObjArgs(fn, v, src, NULL) : NULL;
+        Py_XDECREF(fixed);
+        PyErr_Clear();
+        PyErr_Restore(t, v, tb);
+    }
+#else
+    MH_UNUSED(src);
+#endif
     show_exception(0);
     return RUN_OK;
 }
@@ -4524,7 +4748,7 @@ static int session_line(worker *w, client *c, const char *line, size_t len,
 {
     if (!c->ns && session_open(c) < 0) {
         show_exception(0);
-        client_output_str(w, c, "manhole: cannot start a Python session\n");
+        client_error_str(w, c, "manhole: cannot start a Python session\n");
         if (prompt)
             write_prompt(w, c, 0);
         return RUN_OK;
@@ -4537,7 +4761,7 @@ static int session_line(worker *w, client *c, const char *line, size_t len,
                  mh->cfg.max_input);
         buf_free(&c->src);
         c->src_compile = 0;
-        client_output_str(w, c, msg);
+        client_error_str(w, c, msg);
         c->raised = 1;
         if (prompt)
             write_prompt(w, c, 0);
@@ -4553,7 +4777,6 @@ static int session_line(worker *w, client *c, const char *line, size_t len,
                                          "surrogateescape");
     double t0 = now_mono();
     PyObject *code = src ? compile_input(c, src, c->src.p + c->src.head) : NULL;
-    Py_XDECREF(src);
     int more = 0, rc = RUN_OK;
     if (code == Py_None) {
         /* As codeop does, each line recompiles the whole block: a huge
@@ -4566,9 +4789,10 @@ static int session_line(worker *w, client *c, const char *line, size_t len,
                      "the %g s timeout\n",
                      mh->cfg.timeout);
             Py_CLEAR(code);
+            Py_XDECREF(src);
             buf_free(&c->src);
             c->src_compile = 0;
-            client_output_str(w, c, msg);
+            client_error_str(w, c, msg);
             c->raised = 1;
             if (prompt)
                 write_prompt(w, c, 0);
@@ -4584,9 +4808,16 @@ static int session_line(worker *w, client *c, const char *line, size_t len,
     } else {
         c->src_compile = 0;
         buf_clear(&c->src);
-        rc = run_code(w, c, code);
+        rc = run_code(w, c, code, src);
+#if PY_VERSION_HEX >= 0x030D0000
+        PyObject *fn = PyDict_GetItemString(mh->glue, "forget");
+        PyObject *r = fn ? PyObject_CallFunctionObjArgs(fn, code, NULL) : NULL;
+        Py_XDECREF(r);
+        PyErr_Clear();
+#endif
     }
     Py_XDECREF(code);
+    Py_XDECREF(src);
     if (prompt && rc == RUN_OK)
         write_prompt(w, c, more);
     return rc;
@@ -4600,7 +4831,7 @@ static int session_script(worker *w, client *c, const char *data, size_t len)
     c->src_compile = 0;
     if (!c->ns && session_open(c) < 0) {
         show_exception(0);
-        client_output_str(w, c, "manhole: cannot start a Python session\n");
+        client_error_str(w, c, "manhole: cannot start a Python session\n");
         write_prompt(w, c, 0);
         return RUN_OK;
     }
@@ -4612,7 +4843,7 @@ static int session_script(worker *w, client *c, const char *data, size_t len)
     int rc = RUN_OK;
     if (!src || !fname) {
         PyErr_Clear();
-        client_output_str(w, c, "manhole: out of memory\n");
+        client_error_str(w, c, "manhole: out of memory\n");
         c->raised = 1;
     } else {
         memcpy(src, nl ? nl + 1 : data, sl);
@@ -4622,7 +4853,7 @@ static int session_script(worker *w, client *c, const char *data, size_t len)
         if (!code)
             show_exception(1);
         else
-            rc = run_code(w, c, code);
+            rc = run_code(w, c, code, NULL);
         Py_XDECREF(code);
     }
     free(src);
@@ -4639,8 +4870,11 @@ static int session_record(worker *w, client *c, int kind, const char *data,
     if (kind == REC_ERROR) {
         buf_clear(&c->src); /* a damaged block is not worth finishing */
         c->src_compile = 0;
-        client_output(w, c, data, len);
-        client_output(w, c, "\n", 1);
+        buf m = {0};
+        buf_add(&m, data, len);
+        buf_add(&m, "\n", 1);
+        client_error(w, c, m.p, m.len);
+        buf_free(&m);
         c->raised = 1;
         write_prompt(w, c, 0);
         return RUN_OK;
@@ -4662,6 +4896,21 @@ static int session_record(worker *w, client *c, int kind, const char *data,
         int rc = RUN_OK;
         if (buf_used(&c->src) > 0) /* as if an empty line had followed */
             rc = session_line(w, c, "", 0, 0);
+        if (rc == RUN_OK && buf_used(&c->src) > 0 && c->ns) {
+            /* Still open (`x = (1,`): python3 -i reports what end of
+             * input leaves unfinished ('(' was never closed). */
+            PyObject *src = PyUnicode_DecodeUTF8(c->src.p + c->src.head,
+                                                 (Py_ssize_t)buf_used(&c->src),
+                                                 "surrogateescape");
+            if (src) {
+                interactive_syntax_error(c, src, 1);
+                Py_DECREF(src);
+            }
+            buf_clear(&c->src);
+            c->src_compile = 0;
+            if (PyErr_Occurred())
+                show_exception(1);
+        }
         if (rc != RUN_EXIT) { /* (an abandoned one was answered already) */
             pthread_mutex_lock(&c->mh->lock);
             c->eof_done = 1;
@@ -4819,7 +5068,7 @@ again:
         pthread_mutex_unlock(&mh->lock);
         buf_clear(&c->src);
         c->src_compile = 0;
-        client_output_str(w, c, "\nKeyboardInterrupt\n");
+        client_error_str(w, c, "\nKeyboardInterrupt\n");
         write_prompt(w, c, 0);
         pthread_mutex_lock(&mh->lock);
         goto again; /* lines that came meanwhile found the client busy */
@@ -5268,6 +5517,7 @@ static void abandon_locked(worker *w, int interrupted)
             char id[32];
             int n = snprintf(id, sizeof id, "%lu 0", w->job->id);
             record_build(&c->out, 'C', id, (size_t)n);
+            c->out_tail_e = 0;
             mark_dirty_locked(c);
         }
         pthread_cond_broadcast(&mh->hc_cv);
@@ -5294,13 +5544,17 @@ static void abandon_locked(worker *w, int interrupted)
                          "%sTimeoutError: statement timed out after %g seconds; "
                          "KeyboardInterrupt sent to it\n",
                          c->out_nl ? "" : "\n", mh->cfg.timeout);
-        buf_add(&c->out, msg, (size_t)MH_MIN(n, (int)sizeof msg - 1));
+        if (c->ext)
+            record_build(&c->out, 'E', msg, (size_t)MH_MIN(n, (int)sizeof msg - 1));
+        else
+            buf_add(&c->out, msg, (size_t)MH_MIN(n, (int)sizeof msg - 1));
         if (c->ext) {
             record_build(&c->out, 'S', "1", 1);
             buf b = {0};
             buf_add(&b, "1", 1);
             buf_add(&b, mh->ps1, strlen(mh->ps1));
             record_build(&c->out, 'P', b.p, b.len);
+            c->out_tail_e = 0;
             buf_free(&b);
         } else {
             buf_add(&c->out, mh->ps1, strlen(mh->ps1));
@@ -5566,6 +5820,7 @@ static int client_flush(client *c)
             buf t = c->tx;
             c->tx = c->out;
             c->out = t;
+            c->out_tail_e = 0;
             c->tx_backlog = buf_used(&c->tx);
             if (c->out_waiters)
                 pthread_cond_broadcast(&c->cv);
@@ -5707,6 +5962,7 @@ static int completion_request(client *c, const char *p, size_t n)
         char r[32];
         int k = snprintf(r, sizeof r, "%lu 0", id);
         record_build(&c->out, 'C', r, (size_t)k);
+        c->out_tail_e = 0;
         mark_dirty_locked(c);
         pthread_mutex_unlock(&mh->lock);
         free(text);
@@ -6283,6 +6539,8 @@ static int py_open(manhole *mh)
     ((CoreObject *)mh->core)->mh = mh;
     ((CoreObject *)mh->core)->bindings = PyDict_New();
     mh->ns = ns_new(mh);
+    if (mh->ns && started && mh->cfg.shared_namespace && ns_become_main(mh->ns) < 0)
+        Py_CLEAR(mh->ns);
     /* threading takes whichever thread first imports it for the main
      * thread: make that this one, not a worker. */
     PyObject *threading = PyImport_ImportModule("threading");
@@ -6307,8 +6565,9 @@ static int py_open(manhole *mh)
     mh->compiler_cls = PyObject_GetAttrString(codeop, "CommandCompiler");
     mh->filename = PyUnicode_InternFromString("<stdin>");
     mh->single = PyUnicode_InternFromString("single");
+    mh->glue = PyObject_GetAttrString(mod, "glue");
     PyObject *name = PyUnicode_FromString("__main__");
-    int bad = !mh->compiler_cls || !name || !mh->filename || !mh->single ||
+    int bad = !mh->compiler_cls || !name || !mh->filename || !mh->single || !mh->glue ||
               PyDict_SetItemString(mh->ns, "__name__", name) < 0 ||
               PyDict_SetItemString(mh->ns, "__doc__", Py_None) < 0 ||
               PyDict_SetItemString(mh->ns, "__builtins__", builtins) < 0 ||
@@ -6354,6 +6613,7 @@ fail_support: {
     Py_CLEAR(mh->compiler_cls);
     Py_CLEAR(mh->filename);
     Py_CLEAR(mh->single);
+    Py_CLEAR(mh->glue);
     Py_CLEAR(mh->complete_fn);
     Py_CLEAR(mh->noop);
     support_release(&ts);
@@ -6815,6 +7075,7 @@ void manhole_close(manhole *mh)
     Py_CLEAR(mh->compiler_cls);
     Py_CLEAR(mh->filename);
     Py_CLEAR(mh->single);
+    Py_CLEAR(mh->glue);
     Py_CLEAR(mh->complete_fn);
     Py_CLEAR(mh->noop);
     PyThreadState *main_ts = NULL;

@@ -455,7 +455,7 @@ static void setup_signals(int interactive)
 
 /* ---- The connection: bytes in, records out ------------------------------ */
 
-enum { EV_OUT, EV_H, EV_P, EV_S, EV_W, EV_C, EV_X };
+enum { EV_OUT, EV_H, EV_P, EV_S, EV_W, EV_C, EV_X, EV_ERR };
 
 struct ev {
     int type;
@@ -563,6 +563,7 @@ static void emit_record(struct conn *c)
     case 'W': type = EV_W; break;
     case 'C': type = EV_C; break;
     case 'X': type = EV_X; break;
+    case 'E': type = EV_ERR; break; /* what the session wrote to stderr */
     default: return; /* a record of a later version: ignored */
     }
     flush_raw(c);
@@ -910,7 +911,7 @@ static void hs_digest(struct hs *h)
     }
     struct ev e;
     while (h->state == HS_RUN && q_pop(&h->c, &e)) {
-        if (e.type == EV_OUT)
+        if (e.type == EV_OUT || e.type == EV_ERR)
             buf_add(&h->pre, e.data, e.len);
         else if (e.type == EV_H)
             h->state = HS_OK;
@@ -1468,6 +1469,9 @@ static int run_script(struct session *s, const char *filename, const char *src, 
                 if (write_all(1, e.data, e.len) < 0 && errno == EPIPE)
                     exit(EXIT_CLOSED);
                 break;
+            case EV_ERR: /* tracebacks to stderr, as python -c prints them */
+                (void)write_all(2, e.data, e.len);
+                break;
             case EV_S:
                 got_s = 1;
                 status = e.data[0] == '1';
@@ -1862,11 +1866,15 @@ static void ed_start(int mode)
     buf_clear(&ed_tail);
     buf_add(&ed_tail, buf_str(&tail), tail.len);
     buf_clear(&tail);
-    if (ed_tail.len && !dumb)
-        term_puts("\r\033[K"); /* the tail is drawn again as part of the prompt */
-    if (u8_width(buf_str(&ed_tail), ed_tail.len) >= term_cols() - 8) {
-        term_puts(dumb ? "\n" : "\n");
-        buf_clear(&ed_tail);
+    if (ed_tail.len) {
+        if (dumb) {
+            buf_clear(&ed_tail); /* it stays on the screen; the prompt follows it */
+        } else if (u8_width(buf_str(&ed_tail), ed_tail.len) >= term_cols() - 8) {
+            term_puts("\n"); /* too long to share a row with the line */
+            buf_clear(&ed_tail);
+        } else {
+            term_puts("\r\033[K"); /* drawn again as part of the prompt */
+        }
     }
     build_prompt();
     ed_hidden = 0;
@@ -2162,9 +2170,10 @@ static void send_stmt_line(const char *line)
 static void echo_line(const char *prompt, const char *line)
 {
     struct buf b = {0};
-    buf_add(&b, buf_str(&tail), tail.len);
-    if (tail.len && !dumb)
+    if (tail.len && !dumb) { /* the tail again, from the start of its row */
         term_puts("\r\033[K");
+        buf_add(&b, buf_str(&tail), tail.len);
+    }
     buf_adds(&b, prompt);
     buf_adds(&b, line);
     buf_addc(&b, '\n');
@@ -2499,7 +2508,8 @@ static void on_input_wanted(void)
 static void handle_event(struct ev *e)
 {
     switch (e->type) {
-    case EV_OUT: show_output(e->data, e->len); break;
+    case EV_OUT:
+    case EV_ERR: show_output(e->data, e->len); break;
     case EV_P: on_prompt(e->data, e->len); break;
     case EV_W: on_input_wanted(); break;
     case EV_X:

@@ -92,6 +92,7 @@ class Parser:
     def __init__(self):
         self.pending = bytearray()
         self.events = []  # bytes (output) or Record, in order
+        self.err = bytearray()  # the payloads of E records (stderr), in order
 
     def _out(self, data):
         if not data:
@@ -145,9 +146,16 @@ class Parser:
                     k += 1
                 if not done:
                     break  # need more
+                assert payload[:1] == bytes([OPT]), "subnegotiation of option %r" % payload[:1]
+                if chr(payload[1]) == "E":
+                    # stderr: output as a plain client sees it, in order;
+                    # kept apart too, so tests can tell the streams apart
+                    out.extend(payload[2:])
+                    self.err.extend(payload[2:])
+                    i = k
+                    continue
                 self._out(out)
                 out = bytearray()
-                assert payload[:1] == bytes([OPT]), "subnegotiation of option %r" % payload[:1]
                 self.events.append(Record(chr(payload[1]), bytes(payload[2:])))
                 i = k
                 continue

@@ -542,8 +542,15 @@ def test_exit_in_extended_mode_closes_that_connection_only(start):
     c.line("exit()")
     out, recs = c.read_to_eof()
     assert out == b""
-    assert all(r.kind != "X" for r in recs)
+    # the client learns the session ended (status 0); the host hears nothing
+    assert [r.payload for r in recs if r.kind == "X"] == [b"0"]
     assert p.client().cmd("1") == "1\n"
+    assert p.p.poll() is None
+    assert "sys.exit" not in p.err
+    c2 = ext(p)
+    c2.line("quit(5)")
+    out, recs = c2.read_to_eof()
+    assert [r.payload for r in recs if r.kind == "X"] == [b"5"]
     assert p.p.poll() is None
 
 
@@ -926,3 +933,20 @@ def test_bad_bytes_session_behaves_as_before(demo):
     c.send(b"\xff\xfb\x1f\xff\xfd\x01\xff\xfa\x18\x00xterm\xff\xf0" + b"7 * 6\r\n")
     assert c.read_until(PS1) == b"42\n>>> "
     assert c.cmd("'\u00e9'") == "'\u00e9'\n"
+
+
+def test_stderr_comes_in_e_records_apart_from_stdout(start):
+    """In extended mode what a session writes to sys.stderr (and the
+    traceback) comes in E records, in order with stdout; a plain client gets
+    the same bytes in its one stream."""
+    p = start(DEMO)
+    e = ext(p)
+    out, status, _ = e.statement("print('to-out'); import sys; _w = sys.stderr.write('to-err\\n'); 1/0")
+    assert status == "1"
+    assert out.startswith("to-out\nto-err\nTraceback (most recent call last):\n")
+    err = bytes(e.parser.err).decode()
+    assert err.startswith("to-err\nTraceback (most recent call last):\n")
+    assert err.endswith("ZeroDivisionError: division by zero\n")
+    assert "to-out" not in err
+    plain = p.client()
+    assert plain.cmd("print('to-out'); import sys; _w = sys.stderr.write('to-err\\n'); 1/0") == out
