@@ -14,10 +14,11 @@
  * Three kinds of thread touch a manhole:
  *
  *  - The host thread: whoever calls manhole_poll()/manhole_process(). It
- *    does all socket I/O (accept, recv, send), frames input into lines and
- *    hands them over. In threaded mode it never takes the GIL, so a client
- *    burning CPU in Python cannot slow the host's loop down; it only takes
- *    mh->lock for short, bounded critical sections.
+ *    does the socket I/O (accept, recv, send: all of it but the workers'
+ *    one case below), frames input into lines and hands them over. In
+ *    threaded mode it never takes the GIL, so a client burning CPU in
+ *    Python cannot slow the host's loop down; it only takes mh->lock for
+ *    short, bounded critical sections.
  *  - Worker threads (threaded mode): a small pool, shrunk when idle. There
  *    is no thread per client: a client's lines are a job in a FIFO; a
  *    worker takes the GIL, runs the client's next statement and appends
@@ -29,6 +30,19 @@
  *    abandoned: the worker stays stuck with it (and leaves the pool), the
  *    client moves on with another worker. In non-threaded mode the host
  *    thread itself plays the worker, inside manhole_poll().
+ *    A worker whose job ends with the client's output still held back (see
+ *    below), none of that client's bytes with the host and no other job
+ *    queued, sends the output itself, with neither the GIL nor the lock
+ *    (direct_send(): one non-blocking send; what the socket does not take
+ *    goes back to the host), and the host is not woken: a round trip pays
+ *    one hand-off between threads, not two. Meanwhile it counts as idle:
+ *    a line that arrives is its next job, taken without a wake-up (and no
+ *    sign of a starved queue for the watchdog). If that client had the job
+ *    before too (a client alone in lock-step), the worker then spins for
+ *    WARM_SPIN (25 us, one worker at most) before it sleeps: the client's
+ *    next line is queued by then, and the host's wake-up of a sleeping
+ *    worker is saved too. Under load (jobs queued) the host sends, many
+ *    clients per wake-up, and the workers only run statements.
  *  - The watchdog (created with the first worker, or when a timeout is
  *    set): sleeps until the earliest statement deadline, writes the
  *    TimeoutError report for an expired statement, and interrupts it with
@@ -39,7 +53,10 @@
  *    a timed-out one. Time a statement waits in input() does not count
  *    against its deadline, and it raises the client's interrupt itself. The
  *    watchdog takes the GIL only to deliver an interrupt, never while
- *    holding mh->lock.
+ *    holding mh->lock. And it hands the host output that a worker has held
+ *    back for OUTPUT_HOLD: while statements keep coming it looks every
+ *    OUTPUT_HOLD (for HOLD_LINGER after the last), rather than be woken
+ *    for each.
  *
  * Completion requests are a second queue (mh->cq) that any worker takes
  * before client jobs: a client's completion is answered while its own
@@ -57,8 +74,13 @@
  * Lock order: the GIL may be held when taking mh->lock, never the other
  * way round; nobody waits on a condition variable while holding the GIL.
  * Workers wake the host through one descriptor (an eventfd, or a pipe),
- * written only when the host is not already due to look, so output
- * streaming costs one write per burst, not per print().
+ * written only when the host is not already due to look. Output is not
+ * announced as it is written: a worker holds it back until its job ends
+ * (then sends it itself or wakes the host once), until it is about to
+ * wait (for room, input, a host call), or for OUTPUT_HOLD (1 ms) at most,
+ * which the watchdog enforces. So a short statement wakes nobody, and
+ * streaming output costs about a wake-up per millisecond (or per
+ * max_output bytes), not per print().
  *
  * Output
  * ------
@@ -76,7 +98,9 @@
  * manhole thread that session's own: the dict, which print() and the
  * interpreter read, keeps the proxies. A client that stops reading makes
  * its own statement (or thread) wait once max_output bytes are pending;
- * nobody else notices.
+ * nobody else notices. A client's bytes leave in order whoever sends
+ * them: a worker sends only while the host has none of them, and while it
+ * does (c->sending) the host neither sends on that socket nor closes it.
  *
  * Compiling
  * ---------
@@ -137,6 +161,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/types.h>
@@ -166,6 +191,7 @@
 #endif
 
 #if defined(MSG_NOSIGNAL) && !defined(MANHOLE_PORTABLE)
+#define MH_HAVE_MSG_NOSIGNAL 1 /* (glibc's MSG_NOSIGNAL is an enum: #if reads 0) */
 #define MH_SEND_FLAGS MSG_NOSIGNAL
 #else
 #define MH_SEND_FLAGS 0
@@ -438,6 +464,9 @@ struct client {
     int exit_status;        /* sys.exit() status */
     pthread_cond_t cv;      /* output space */
     worker *runner;         /* worker running this client's statement */
+    unsigned char sending;  /* a worker is sending output itself (direct_send) */
+    unsigned char recheck;  /* ... and the host wants to look once it is done */
+    unsigned char close_after; /* ... and must close fd, the host closed c */
 
     /* Python session: touched only with the GIL, by the one worker that
      * has the client busy (or by teardown). */
@@ -483,6 +512,10 @@ struct worker {
                                abandon the statement (0: none) */
     cjob *job;              /* the completion being run */
     buf rec;                /* the record being processed */
+    double hold_until;      /* output held back from the host until then (0: none) */
+    unsigned char woke_host;/* the host was asked to send during this job */
+    unsigned char again;    /* this job's client had the one before it too */
+    buf dout;               /* output being sent by direct_send() */
 };
 
 /* A C function call or binding write that must run on the host thread. */
@@ -572,7 +605,12 @@ struct manhole {
     int stopping;
     worker *workers;
     int nworkers;           /* not abandoned, not exited */
-    int nidle;              /* workers waiting for a job */
+    int nidle;              /* workers waiting for a job (nsoon included) */
+    int nspin;              /* workers spinning for one (WARM_SPIN) */
+    int nsoon;              /* workers that look at the queue again without
+                               a signal: spinning, or sending an answer */
+    unsigned last_job_id;   /* the client whose job a worker took last */
+    unsigned jobs_seq;      /* bumped per job queued while one spins (atomic) */
     int njobs;              /* jobs queued */
     double last_pickup;     /* when a worker last took a job */
     double starve_since;    /* jobs waiting with no idle worker (0: no) */
@@ -580,6 +618,7 @@ struct manhole {
     int worker_seq;
     int wd_started, wd_exited, wd_stop;
     double wd_wake_at;      /* when the watchdog will look next (0: never) */
+    double hold_last;       /* when a worker last began to hold output */
     int nreap;              /* exited workers to join */
     pthread_t wd_thread;
     worker hostw;           /* non-threaded mode */
@@ -1436,7 +1475,7 @@ static int peer_creds(int fd, long *pid, long *uid)
 static ssize_t xsend(int fd, const void *p, size_t n)
 {
     ssize_t r;
-#if MH_SEND_FLAGS != 0 || defined(SO_NOSIGPIPE)
+#if defined(MH_HAVE_MSG_NOSIGNAL) || defined(SO_NOSIGPIPE)
     do
         r = send(fd, p, n, MH_SEND_FLAGS);
     while (r < 0 && errno == EINTR);
@@ -2010,6 +2049,51 @@ static int buf_add_escaped(buf *b, const char *p, size_t n)
     return 0;
 }
 
+/* How long a worker may hold output back from the host (seconds). A
+ * statement that ends sooner has its output, the next prompt included,
+ * sent by its worker (direct_send()), and the host is not woken; the
+ * watchdog hands the host whatever is held longer. */
+#define OUTPUT_HOLD 0.001
+/* While workers keep holding output, the watchdog looks every OUTPUT_HOLD
+ * (until HOLD_LINGER after the last hold began) rather than be signalled
+ * for each statement. */
+#define HOLD_LINGER 0.01
+
+/* New output for c is in c->out (lock held). In threaded mode the worker
+ * w holds it back (see OUTPUT_HOLD). Returns 1 when the watchdog must be
+ * woken to release it in time (signal wd_cv after unlocking). */
+static int output_added_locked(worker *w, client *c)
+{
+    manhole *mh = c->mh;
+    if (!w || w->is_host || !mh->wd_started || mh->wd_stop) {
+        mark_dirty_locked(c);
+        if (w)
+            w->woke_host = 1;
+        return 0;
+    }
+    if (w->hold_until > 0)
+        return 0;
+    mh->hold_last = now_mono();
+    w->hold_until = mh->hold_last + OUTPUT_HOLD;
+    if (mh->wd_wake_at == 0 || mh->wd_wake_at > w->hold_until) {
+        mh->wd_wake_at = w->hold_until;
+        return 1;
+    }
+    return 0;
+}
+
+/* Give the host the output w holds back for c, now: w is about to wait
+ * (for room, input, a host call), or the hold ran out. Lock held. */
+static void output_release_locked(worker *w, client *c)
+{
+    if (w && w->hold_until > 0) {
+        w->hold_until = 0;
+        w->woke_host = 1;
+        if (c && !c->dead)
+            mark_dirty_locked(c);
+    }
+}
+
 /* Append output for a client. w is the worker producing it (it may be
  * made to wait for room), or NULL: a thread a statement started (it
  * waits too), or short texts that must never wait (the watchdog's
@@ -2019,6 +2103,7 @@ static void client_output_ex(worker *w, client *c, const char *p, size_t n, int 
 {
     manhole *mh = c->mh;
     size_t cap = mh->cfg.max_output;
+    int wake_wd = 0;
     int thread = !w && tl_bound == c;
     pthread_mutex_lock(&mh->lock);
     if (n > 0 && !raw)
@@ -2050,9 +2135,11 @@ static void client_output_ex(worker *w, client *c, const char *p, size_t n, int 
         c->out_tail_e = raw && k == n && n > 3 && p[3] == 'E';
         p += k;
         n -= k;
-        mark_dirty_locked(c);
+        wake_wd |= output_added_locked(w, c);
     }
     pthread_mutex_unlock(&mh->lock);
+    if (wake_wd)
+        pthread_cond_signal(&mh->wd_cv);
 }
 
 static void client_output(worker *w, client *c, const char *p, size_t n)
@@ -2145,6 +2232,7 @@ static void output_wait(worker *w, client *c)
     size_t cap = mh->cfg.max_output;
     PyThreadState *ts;
     if (!w->is_host) {
+        output_release_locked(w, c); /* the host is to make room */
         c->out_waiters++;
         pthread_mutex_unlock(&mh->lock);
         ts = PyEval_SaveThread();
@@ -2563,6 +2651,8 @@ static int hostcall_run(manhole *mh, hostcall *hc, int any_thread)
             mh->hc_head = hc;
         mh->hc_tail = hc;
         wake_host_locked(mh);
+        if (w)
+            output_release_locked(w, w->c);
         while (!hc->done) {
             if (!hc->started &&
                 ((w && (w->timed_out || w->want_int)) || mh->stopping)) {
@@ -2907,6 +2997,7 @@ static PyObject *stdin_readline(worker *w, client *c, int binary)
     }
     PyThreadState *ts = PyEval_SaveThread();
     pthread_mutex_lock(&mh->lock);
+    output_release_locked(w, c); /* an input() prompt, for one */
     int told = 0;
     for (;;) {
         if (c->dead || w->timed_out || mh->stopping || c->exiting)
@@ -4851,7 +4942,10 @@ static void enqueue_locked(client *c)
     mh->jq_tail = c;
     mh->njobs++;
     if (mh->cfg.threaded) {
-        pthread_cond_signal(&mh->work_cv);
+        if (mh->nsoon) /* a worker about to look takes it: no futex call */
+            __atomic_store_n(&mh->jobs_seq, mh->jobs_seq + 1, __ATOMIC_RELEASE);
+        if (mh->njobs > mh->nsoon)
+            pthread_cond_signal(&mh->work_cv);
         /* A signalled worker counts as idle until it runs, so compare the
          * queue with the idle workers rather than trust the signal. With
          * no worker at all, start one now. Otherwise more workers would
@@ -4901,15 +4995,33 @@ static int pop_record_locked(worker *w, client *c, int *kind)
     return 1;
 }
 
+/* May the worker that just ran c's job send c's output itself, rather
+ * than wake the host for it? Only if the host has nothing of c's to send
+ * or to do (so no byte can overtake another) and no other client waits
+ * for a worker (under load the host sends, batching, while the workers
+ * run statements). Lock held. */
+static int direct_ok_locked(worker *w, client *c)
+{
+    manhole *mh = c->mh;
+    return !w->is_host && !w->woke_host && buf_used(&c->out) > 0 && c->tx_backlog == 0 &&
+           !c->sending && !c->out_blocked && !c->eof_done && !c->exiting && !c->in_paused &&
+           !mh->jq_head && !mh->stopping;
+}
+
 /* Run a client's queued input: one statement at a time, handing the
  * client back to the queue when others are waiting. GIL held. The job's
- * reference to c is dropped here. */
-static void process_job(worker *w, client *c)
+ * reference to c is dropped here, unless c is returned: then its output
+ * is for the worker to send, with the GIL dropped (direct_send()), and
+ * the reference goes with it. */
+static client *process_job(worker *w, client *c)
 {
     manhole *mh = c->mh;
     pthread_mutex_lock(&mh->lock);
     c->runner = w;
     w->c = c;
+    w->woke_host = 0;
+    w->again = mh->last_job_id == c->id;
+    mh->last_job_id = c->id;
     int requeue = 0;
 again:
     while (!c->dead && !c->exiting && !mh->stopping) {
@@ -4941,7 +5053,7 @@ again:
             }
             client_unref_locked(c);
             pthread_mutex_unlock(&mh->lock);
-            return;
+            return NULL;
         }
         if (mh->jq_head && buf_used(&c->inq) >= 5) {
             requeue = 1; /* let the others have a turn */
@@ -4967,20 +5079,92 @@ again:
     if (c->exiting)
         buf_clear(&c->inq);
     if (requeue && !c->dead && !c->exiting && !mh->stopping) {
+        output_release_locked(w, c);
         c->refs--; /* the new queue entry takes its own */
         enqueue_locked(c);
         pthread_mutex_unlock(&mh->lock);
-        return;
+        return NULL;
     }
     c->busy = 0;
-    if (!c->dead)
-        mark_dirty_locked(c); /* let the host flush and look at it */
+    client *send = NULL;
+    if (!c->dead) {
+        if (direct_ok_locked(w, c)) {
+            send = c; /* the host is not woken */
+            mh->nidle++; /* it looks at the queue right after (worker_main) */
+            mh->nsoon++;
+        } else
+            mark_dirty_locked(c); /* let the host flush and look at it */
+    }
+    w->hold_until = 0;
     pthread_mutex_unlock(&mh->lock);
+    if (send)
+        return send;
     if (teardown)
         session_close(c);
     pthread_mutex_lock(&mh->lock);
     client_unref_locked(c);
     pthread_mutex_unlock(&mh->lock);
+    return NULL;
+}
+
+/* Send c's output from the worker that produced it, with neither the GIL
+ * nor the lock held: after a job that process_job() found fit for it.
+ * c->sending keeps the host off c's socket meanwhile (it neither sends
+ * nor closes it), and the bytes taken count against max_output as the
+ * host's would. Whatever the socket does not take now goes back in front
+ * of c->out, for the host to send in order. Drops the job's reference. */
+static int direct_send(worker *w, client *c)
+{
+    manhole *mh = c->mh;
+    pthread_mutex_lock(&mh->lock);
+    int fd = c->fd;
+    if (c->dead || fd < 0 || c->sending || c->tx_backlog > 0 || mh->stopping ||
+        buf_used(&c->out) == 0) { /* things moved on since the job ended */
+        if (!c->dead && buf_used(&c->out) > 0)
+            mark_dirty_locked(c);
+        client_unref_locked(c);
+        pthread_mutex_unlock(&mh->lock);
+        return 0;
+    }
+    buf t = w->dout;
+    w->dout = c->out;
+    c->out = t;
+    c->tx_backlog = buf_used(&w->dout);
+    c->sending = 1;
+    pthread_mutex_unlock(&mh->lock);
+    while (buf_used(&w->dout) > 0) {
+        ssize_t r = xsend(fd, w->dout.p + w->dout.head, buf_used(&w->dout));
+        if (r <= 0)
+            break; /* full: the host sends the rest; failed: the host finds out */
+        w->dout.head += (size_t)r;
+    }
+    int all = buf_used(&w->dout) == 0;
+    pthread_mutex_lock(&mh->lock);
+    c->sending = 0;
+    c->tx_backlog = 0;
+    if (c->close_after) { /* the host closed c meanwhile, and left us the fd */
+        c->close_after = 0;
+        close(fd);
+    }
+    if (buf_used(&w->dout) > 0 && !c->dead) {
+        /* The rest goes first, then what a next statement wrote since. */
+        if (buf_used(&c->out) == 0 ||
+            buf_add(&w->dout, c->out.p + c->out.head, buf_used(&c->out)) == 0) {
+            t = c->out;
+            c->out = w->dout;
+            w->dout = t;
+        }
+    }
+    buf_clear(&w->dout);
+    buf_shrink_if_empty(&w->dout);
+    if (!c->dead && (buf_used(&c->out) > 0 || c->recheck))
+        mark_dirty_locked(c);
+    c->recheck = 0;
+    if (c->out_waiters)
+        pthread_cond_broadcast(&c->cv);
+    client_unref_locked(c);
+    pthread_mutex_unlock(&mh->lock);
+    return all;
 }
 
 static void cjob_free_locked(cjob *j);
@@ -5129,6 +5313,36 @@ static void name_python_thread(const char *name)
     PyErr_Clear();
 }
 
+/* How long a worker that just sent a client its answer itself spins for
+ * the next job before it sleeps (seconds). A client in lock-step sends its
+ * next line within a few microseconds of reading the answer; taking that
+ * job without sleeping spares the host's futex wake-up and the worker's
+ * return from sleep, the two costs a thread pool adds to a round trip.
+ * One worker at most spins, with neither the lock nor the GIL, and only
+ * when the client had the job before too: one client alone in lock-step.
+ * With several clients at work the CPU it would burn is theirs (and the
+ * host's), so the worker sleeps as before. */
+#ifndef WARM_SPIN
+#define WARM_SPIN 25e-6
+#endif
+
+static void cpu_relax(void)
+{
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ __volatile__("yield");
+#endif
+}
+
+/* Spin until a job is queued after `seq`, WARM_SPIN at most. */
+static void spin_for_job(manhole *mh, unsigned seq)
+{
+    double until = now_mono() + WARM_SPIN;
+    while (__atomic_load_n(&mh->jobs_seq, __ATOMIC_ACQUIRE) == seq && now_mono() < until)
+        cpu_relax();
+}
+
 static void *worker_main(void *arg)
 {
     worker *w = arg;
@@ -5144,6 +5358,7 @@ static void *worker_main(void *arg)
     name_python_thread(name);
     PyThreadState *ts = PyEval_SaveThread();
     tl_worker = w;
+    int warm = 0; /* its last job's client may come back at once */
     pthread_mutex_lock(&mh->lock);
     for (;;) {
         if (mh->stopping)
@@ -5164,6 +5379,21 @@ static void *worker_main(void *arg)
             continue;
         }
         client *c = dequeue_locked(mh);
+        if (!c && warm && mh->nspin == 0 && WARM_SPIN > 0) {
+            warm = 0;
+            mh->nidle++;
+            mh->nspin++;
+            mh->nsoon++;
+            unsigned seq = __atomic_load_n(&mh->jobs_seq, __ATOMIC_ACQUIRE);
+            pthread_mutex_unlock(&mh->lock);
+            spin_for_job(mh, seq);
+            pthread_mutex_lock(&mh->lock);
+            mh->nsoon--;
+            mh->nspin--;
+            mh->nidle--;
+            continue;
+        }
+        warm = 0;
         if (!c) {
             mh->nidle++;
             struct timespec until = cond_deadline(WORKER_IDLE_SECONDS);
@@ -5175,9 +5405,15 @@ static void *worker_main(void *arg)
         }
         pthread_mutex_unlock(&mh->lock);
         PyEval_RestoreThread(ts);
-        process_job(w, c);
+        client *send = process_job(w, c);
         ts = PyEval_SaveThread();
+        if (send) /* spin only for a client alone in lock-step (see WARM_SPIN) */
+            warm = direct_send(w, send) && w->again;
         pthread_mutex_lock(&mh->lock);
+        if (send) { /* (counted idle since its job ended: process_job) */
+            mh->nsoon--;
+            mh->nidle--;
+        }
         if (w->timed_out) {
             /* We were abandoned and are back: rejoin the pool if there is
              * room, else go. */
@@ -5252,6 +5488,7 @@ static void workers_reap(manhole *mh)
             *pp = w->next;
             pthread_join(w->thread, NULL);
             buf_free(&w->rec);
+            buf_free(&w->dout);
             free(w);
         } else {
             pp = &w->next;
@@ -5268,6 +5505,7 @@ static void abandon_locked(worker *w, int interrupted)
     manhole *mh = w->mh;
     client *c = w->c;
     w->timed_out = 1;
+    w->hold_until = 0; /* (what it holds is in c->out, sent below) */
     mh->nworkers--; /* a slot in the pool is free again */
     if (mh->njobs > mh->nidle && mh->starve_since == 0)
         mh->starve_since = now_mono();
@@ -5352,6 +5590,12 @@ static void *watchdog_main(void *arg)
         double now = now_mono(), next = 0;
         int pending = 0;
         for (worker *w = next_worker(mh, NULL); w; w = next_worker(mh, w)) {
+            if (w->hold_until > 0) { /* output held back too long: to the host */
+                if (now >= w->hold_until)
+                    output_release_locked(w, w->c);
+                else if (next == 0 || w->hold_until < next)
+                    next = w->hold_until;
+            }
             if (!w->running)
                 continue;
             if (w->deadline > 0 && !w->timed_out) {
@@ -5383,6 +5627,9 @@ static void *watchdog_main(void *arg)
                     pending = 1;
             }
         }
+        if (mh->hold_last > 0 && now < mh->hold_last + HOLD_LINGER &&
+            (next == 0 || now + OUTPUT_HOLD < next))
+            next = now + OUTPUT_HOLD; /* statements keep coming: tick */
         if (mh->starve_since > 0) {
             if (mh->njobs <= mh->nidle || mh->stopping) {
                 mh->starve_since = 0;
@@ -5503,9 +5750,13 @@ static void client_close(client *c, const char *why)
     if (c->fd < 0)
         return;
     poller_del(mh, c->fd);
-    close(c->fd);
+    int fd = c->fd;
     pthread_mutex_lock(&mh->lock); /* (the list too: a fork child walks it) */
     c->fd = -1;
+    if (c->sending) /* a worker is sending on it: it closes it when done */
+        c->close_after = 1;
+    else
+        close(fd);
     if (c->prev)
         c->prev->next = c->next;
     else
@@ -5561,6 +5812,11 @@ static int client_flush(client *c)
         if (buf_used(&c->tx) == 0) {
             buf_clear(&c->tx);
             pthread_mutex_lock(&mh->lock);
+            if (c->sending) { /* a worker is sending c's output: after it */
+                c->recheck = 1;
+                pthread_mutex_unlock(&mh->lock);
+                return 0;
+            }
             buf t = c->tx;
             c->tx = c->out;
             c->out = t;
@@ -5596,8 +5852,10 @@ static void client_maybe_finish(client *c)
     if (c->fd < 0 || buf_used(&c->tx) > 0)
         return;
     pthread_mutex_lock(&mh->lock);
-    int idle = !c->busy && buf_used(&c->out) == 0;
+    int idle = !c->busy && !c->sending && buf_used(&c->out) == 0;
     int finish = idle && (c->exiting || (c->eof_done && buf_used(&c->inq) == 0));
+    if (c->sending)
+        c->recheck = 1; /* look again once the worker is done */
     int exiting = c->exiting && !c->leaving, leaving = c->leaving;
     if (idle && !finish) { /* let go of big buffers while idle */
         buf_shrink_if_empty(&c->out);
@@ -5719,6 +5977,8 @@ static int completion_request(client *c, const char *p, size_t n)
         mh->cq_head = j;
     mh->cq_tail = j;
     if (mh->cfg.threaded) {
+        if (mh->nsoon) /* (a worker about to look takes it) */
+            __atomic_store_n(&mh->jobs_seq, mh->jobs_seq + 1, __ATOMIC_RELEASE);
         pthread_cond_signal(&mh->work_cv);
         if (mh->nidle == 0) /* every worker busy (maybe with this client) */
             worker_spawn_locked(mh);
@@ -5738,6 +5998,7 @@ static void client_greet(client *c)
     pthread_mutex_lock(&mh->lock);
     buf_add(&c->tx, mh->ps1, strlen(mh->ps1));
     c->out_nl = 1;
+    c->tx_backlog = buf_used(&c->tx); /* (no worker sends before it) */
     pthread_mutex_unlock(&mh->lock);
     client_send_host(c);
 }
@@ -6085,7 +6346,7 @@ static void host_run_jobs(manhole *mh)
         pthread_mutex_unlock(&mh->lock);
         if (!c)
             break;
-        process_job(w, c);
+        (void)process_job(w, c); /* (never a direct send: this is the host) */
     }
     tl_worker = saved;
     PyGILState_Release(g);
@@ -6103,7 +6364,7 @@ static int idle_check(manhole *mh)
         if (now - c->last_active < mh->cfg.idle_timeout)
             continue;
         pthread_mutex_lock(&mh->lock);
-        int idle = !c->busy && buf_used(&c->inq) == 0;
+        int idle = !c->busy && !c->sending && buf_used(&c->inq) == 0;
         pthread_mutex_unlock(&mh->lock);
         if (!idle) {
             c->last_active = now;
@@ -6223,7 +6484,7 @@ void manhole_config_init(manhole_config *cfg)
     cfg->tcp_port = -1;
     cfg->threaded = 1;
     cfg->timeout = 5.0;
-    cfg->max_clients = 64;
+    cfg->max_clients = 0; /* at open: from the descriptor limit */
     cfg->max_line = 1u << 20;
     cfg->max_input = 4u << 20;
     cfg->max_output = 1u << 20;
@@ -6377,6 +6638,26 @@ fail: {
 }
 }
 
+/* The default max_clients: the descriptors the process may open
+ * (RLIMIT_NOFILE, its soft limit, read at open) less a reserve for the
+ * host, a quarter of them and at least 64; half of them under 128. A
+ * client holds one descriptor (the manhole itself five at most), so the
+ * host keeps its reserve whatever the clients do. With the common soft
+ * limit of 1024 that is 768. Raising the soft limit is the host's call
+ * (setrlimit before manhole_open); fd-set hosts are still refused
+ * descriptors past FD_SETSIZE (on_accept). */
+static int default_max_clients(void)
+{
+    long lim = 1024;
+    struct rlimit rl;
+    if (getrlimit(RLIMIT_NOFILE, &rl) == 0)
+        lim = rl.rlim_cur == RLIM_INFINITY || rl.rlim_cur > (1 << 20) ? 1 << 20 : (long)rl.rlim_cur;
+    long n = lim - (lim / 4 > 64 ? lim / 4 : 64);
+    if (n < lim / 2)
+        n = lim / 2;
+    return n < 1 ? 1 : (int)n;
+}
+
 /* A handle with its configuration (defaults filled in), locks and
  * descriptors set to none: nothing opened yet. */
 static manhole *mh_new(const manhole_config *cfg_in)
@@ -6389,7 +6670,7 @@ static manhole *mh_new(const manhole_config *cfg_in)
     memcpy(c, cfg_in, MH_MIN(cfg_in->struct_size, sizeof *c));
     c->struct_size = sizeof *c;
     manhole_config_init(&def);
-    if (c->max_clients == 0) c->max_clients = def.max_clients;
+    if (c->max_clients == 0) c->max_clients = default_max_clients();
     if (c->max_line == 0) c->max_line = def.max_line;
     if (c->max_input == 0) c->max_input = def.max_input;
     if (c->max_input < c->max_line) c->max_input = c->max_line;
@@ -6571,9 +6852,10 @@ int manhole_open(manhole **out, const manhole_config *cfg_in, char *err,
     snprintf(where, sizeof where, "%s%s%s%s%s", mh->unix_path ? "unix:" : "",
              mh->unix_path ? mh->unix_path : "", mh->unix_path && mh->lfd_tcp >= 0 ? " " : "",
              mh->lfd_tcp >= 0 ? "tcp:" : "", mh->lfd_tcp >= 0 ? mh->tcp_host : "");
-    LOG(mh, MANHOLE_LOG_INFO, "manhole %s open (%s, %s, timeout %g s, %s namespace)",
+    LOG(mh, MANHOLE_LOG_INFO,
+        "manhole %s open (%s, %s, timeout %g s, %s namespace, at most %d clients)",
         MANHOLE_VERSION_STRING, where, c->threaded ? "threaded" : "non-threaded", c->timeout,
-        c->shared_namespace ? "shared" : "per-client");
+        c->shared_namespace ? "shared" : "per-client", c->max_clients);
     log_flush(mh);
     tl_host = mh;
     *out = mh;
@@ -6747,6 +7029,7 @@ void manhole_close(manhole *mh)
         next = w->next;
         pthread_join(w->thread, NULL);
         buf_free(&w->rec);
+        buf_free(&w->dout);
         free(w);
     }
     mh->workers = NULL;

@@ -112,7 +112,9 @@ typedef struct manhole_config {
                                of the manhole's namespace; 1: one for all */
 
     /* Limits (0 keeps the default; a negative value is MANHOLE_EINVAL). */
-    int max_clients;        /* connected clients; default 64 */
+    int max_clients;        /* connected clients; default: from the
+                               descriptor limit at open (RLIMIT_NOFILE
+                               less max(64, a quarter); 768 of 1024) */
     size_t max_line;        /* bytes in one input line; default 1 MiB */
     size_t max_input;       /* bytes of queued input per client; 4 MiB */
     size_t max_output;      /* bytes of unsent output per client before its

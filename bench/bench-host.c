@@ -12,10 +12,12 @@
  *                 (microseconds spent in the manhole per turn, and
  *                 "late p99 L max X" for the timer's lateness)
  *   rss           print "rss KiB"
+ *   limits        print the library's default limits: "limits max_line
+ *                 max_input max_output max_workers" (bytes, threads)
  *   quit
  *
  * Between commands it serves clients, waiting only in manhole_poll().
- *   bench-host PATH threaded|nonthreaded [timeout [idle]]
+ *   bench-host PATH threaded|nonthreaded [timeout [nice|idle|normal]]
  */
 #define _GNU_SOURCE /* ppoll */
 #include "../manhole.h"
@@ -190,6 +192,8 @@ int main(int argc, char **argv)
     cfg.timeout = argc > 3 ? atof(argv[3]) : 5;
     if (argc > 4 && !strcmp(argv[4], "idle"))
         cfg.worker_priority = MANHOLE_WORKERS_IDLE;
+    if (argc > 4 && !strcmp(argv[4], "normal"))
+        cfg.worker_priority = MANHOLE_WORKERS_NORMAL;
     cfg.max_clients = 4096;
     cfg.max_output = 4u << 20;
     manhole *mh;
@@ -229,6 +233,12 @@ int main(int argc, char **argv)
             cmd_turns(mh, atof(line + 6));
         else if (!strncmp(line, "rss", 3))
             printf("rss %ld\n", rss_kib());
+        else if (!strncmp(line, "limits", 6)) {
+            manhole_config d;
+            manhole_config_init(&d);
+            printf("limits %zu %zu %zu %d\n", d.max_line, d.max_input, d.max_output,
+                   d.max_workers);
+        }
         else if (!strncmp(line, "quit", 4))
             break;
         fflush(stdout);

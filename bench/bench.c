@@ -6,16 +6,26 @@
  *  - the floor: a raw UNIX-socket echo round trip between this client and
  *    a trivial C echo server, and the in-process cost of one `1+1` through
  *    the library's own compile/run path (bench/floor);
- *  - `1+1` round trips, threaded and non-threaded;
+ *  - `1+1` round trips, threaded and non-threaded, measured together
+ *    (interleaved), and the ratio of the two;
  *  - statements per second with 1, 10, 100, 500 clients in lock-step, every
  *    reply checked (a lost or misrouted byte fails the benchmark);
+ *  - 500 clients at once each running a statement that prints, sleeps
+ *    50 ms and prints again, every byte checked;
  *  - bulk output, 50 MB in lines, against raw socket throughput;
  *  - the idle cost of manhole_poll(mh, 0), and select() wake-ups of an
  *    idle fd-set host with 100 idle clients;
  *  - the host loop's turn while 10 clients burn CPU in Python;
- *  - RSS per idle client and connects per second.
+ *  - RSS per client, idle and after a statement that printed, the worst
+ *    case per client at the default limits, and connects per second;
+ *  - the machine's load average, start and end, to read the rest by.
  *
- *   bench [--quick]      (run from the build directory's bench/)
+ *   bench [--quick] [--baseline DIR]
+ *
+ * (run from the build directory's bench/). --baseline DIR: DIR holds the
+ * bench-host of another build (say, the previous release's): the round
+ * trips and the client rows then run against both, interleaved, in this
+ * same run, and each such row says how the two compare.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -26,6 +36,7 @@
 #include <signal.h>
 #include <stdarg.h>
 #include <stdio.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/epoll.h>
@@ -38,6 +49,7 @@
 #include <unistd.h>
 
 static char bin_dir[PATH_MAX];
+static char base_dir[PATH_MAX]; /* --baseline: another build's bench/ */
 
 /* Where the processes run. A wake-up across CPUs costs tens of
  * microseconds on a VM and one on the same CPU a few: left to the
@@ -213,10 +225,10 @@ typedef struct {
     FILE *out;
 } proc_t;
 
-/* Start bench-host; prio is "nice" (the library's default) or "idle";
+/* Start dir/bench-host; prio is "nice" (the library's default) or "idle";
  * pinned: on the server CPU. */
-static proc_t start_host_prio(const char *path, const char *mode, const char *timeout,
-                              const char *prio, int pinned)
+static proc_t start_host_in(const char *dir, const char *path, const char *mode,
+                            const char *timeout, const char *prio, int pinned)
 {
     int pin[2], pout[2];
     if (pipe(pin) < 0 || pipe(pout) < 0)
@@ -233,7 +245,7 @@ static proc_t start_host_prio(const char *path, const char *mode, const char *ti
         close(pin[1]);
         close(pout[0]);
         char exe[PATH_MAX + 32];
-        snprintf(exe, sizeof exe, "%s/bench-host", bin_dir);
+        snprintf(exe, sizeof exe, "%s/bench-host", dir);
         execl(exe, exe, path, mode, timeout, prio, (char *)NULL);
         _exit(127);
     }
@@ -245,6 +257,12 @@ static proc_t start_host_prio(const char *path, const char *mode, const char *ti
     if (!fgets(line, sizeof line, p.out) || strcmp(line, "ready\n") != 0)
         die("bench-host did not start");
     return p;
+}
+
+static proc_t start_host_prio(const char *path, const char *mode, const char *timeout,
+                              const char *prio, int pinned)
+{
+    return start_host_in(bin_dir, path, mode, timeout, prio, pinned);
 }
 
 static proc_t start_host(const char *path, const char *mode, const char *timeout)
@@ -360,25 +378,41 @@ static double raw_bulk(const char *path)
     return (double)BULK_BYTES / 1e6 / t;
 }
 
-static stat_t manhole_rtt(const char *path, int n)
+/* Round trips against k hosts at once, in turns of 200, so that whatever
+ * else the machine does at the time lands on each of them alike: their
+ * ratio is then worth reading even on a busy machine. */
+#define MAX_HOSTS 4
+static void manhole_rtt_multi(const char **paths, int k, int n, stat_t *out)
 {
-    int fd = connect_unix(path);
+    int fds[MAX_HOSTS];
+    double *t[MAX_HOSTS];
     char buf[256];
-    read_prompt(fd, buf, sizeof buf);
-    double *t = malloc((size_t)n * sizeof *t);
-    for (int i = -n / 10; i < n; i++) {
-        double t0 = now_s();
-        write_all(fd, "1+1\n", 4);
-        size_t len = read_prompt(fd, buf, sizeof buf);
-        if (len != 6 || memcmp(buf, "2\n>>> ", 6) != 0)
-            die("wrong reply to 1+1: %.*s", (int)len, buf);
-        if (i >= 0)
-            t[i] = (now_s() - t0) * 1e6;
+    enum { TURN = 200 };
+    for (int j = 0; j < k; j++) {
+        fds[j] = connect_unix(paths[j]);
+        if (fds[j] < 0)
+            die("connect %s: %s", paths[j], strerror(errno));
+        read_prompt(fds[j], buf, sizeof buf);
+        t[j] = malloc((size_t)n * sizeof *t[j]);
     }
-    close(fd);
-    stat_t s = stats_of(t, (size_t)n);
-    free(t);
-    return s;
+    for (int i0 = -n / 10; i0 < n; i0 += TURN) {
+        for (int j = 0; j < k; j++) {
+            for (int i = i0; i < i0 + TURN && i < n; i++) {
+                double t0 = now_s();
+                write_all(fds[j], "1+1\n", 4);
+                size_t len = read_prompt(fds[j], buf, sizeof buf);
+                if (len != 6 || memcmp(buf, "2\n>>> ", 6) != 0)
+                    die("wrong reply to 1+1: %.*s", (int)len, buf);
+                if (i >= 0)
+                    t[j][i] = (now_s() - t0) * 1e6;
+            }
+        }
+    }
+    for (int j = 0; j < k; j++) {
+        close(fds[j]);
+        out[j] = stats_of(t[j], (size_t)n);
+        free(t[j]);
+    }
 }
 
 /* Lock-step clients: each sends "a+b", checks the sum, sends the next. */
@@ -465,6 +499,65 @@ static double lockstep(const char *path, int n, double seconds, double *connects
     return rate;
 }
 
+/* n clients connected at once, each running a statement that prints,
+ * sleeps 50 ms and prints again (the sleep holds a worker: the pool grows
+ * to max_workers). Returns the seconds from the first statement sent to
+ * the last reply; every reply must be exactly its own client's. */
+static double sleepers(const char *path, int n)
+{
+    int *fds = calloc((size_t)n, sizeof *fds);
+    char (*got)[64] = calloc((size_t)n, sizeof *got);
+    size_t *len = calloc((size_t)n, sizeof *len);
+    char buf[256];
+    int ep = epoll_create1(EPOLL_CLOEXEC);
+    for (int i = 0; i < n; i++) {
+        fds[i] = connect_unix(path);
+        if (fds[i] < 0)
+            die("sleepers: connect %d: %s", i, strerror(errno));
+        read_prompt(fds[i], buf, sizeof buf);
+        write_all(fds[i], "import time\n", 12);
+        read_prompt(fds[i], buf, sizeof buf);
+        struct epoll_event e = {EPOLLIN, {.u32 = (uint32_t)i}};
+        epoll_ctl(ep, EPOLL_CTL_ADD, fds[i], &e);
+    }
+    double t0 = now_s();
+    for (int i = 0; i < n; i++) {
+        int k = snprintf(buf, sizeof buf,
+                         "print('a%d'); time.sleep(0.05); print('b%d')\n", i, i);
+        write_all(fds[i], buf, (size_t)k);
+    }
+    int left = n;
+    struct epoll_event evs[256];
+    while (left > 0) {
+        int k = epoll_wait(ep, evs, 256, 20000);
+        if (k <= 0)
+            die("sleepers: no reply for 20 s (%d left)", left);
+        for (int j = 0; j < k; j++) {
+            int i = (int)evs[j].data.u32;
+            ssize_t r = read(fds[i], got[i] + len[i], sizeof got[i] - len[i]);
+            if (r <= 0)
+                die("sleepers: read: %s", r ? strerror(errno) : "closed");
+            len[i] += (size_t)r;
+            char want[64];
+            int wl = snprintf(want, sizeof want, "a%d\nb%d\n>>> ", i, i);
+            if (len[i] > (size_t)wl || memcmp(got[i], want, len[i]) != 0)
+                die("sleepers: client %d got %.*s", i, (int)len[i], got[i]);
+            if (len[i] == (size_t)wl) {
+                epoll_ctl(ep, EPOLL_CTL_DEL, fds[i], NULL);
+                left--;
+            }
+        }
+    }
+    double t = now_s() - t0;
+    for (int i = 0; i < n; i++)
+        close(fds[i]);
+    close(ep);
+    free(fds);
+    free(got);
+    free(len);
+    return t;
+}
+
 static double manhole_bulk(const char *path, const char *stmt)
 {
     int fd = connect_unix(path);
@@ -535,11 +628,38 @@ static long rss_of(proc_t *h)
     return atol(line + 4);
 }
 
+/* The 1-minute load average (Linux; -1 elsewhere): how busy the machine
+ * was, for whoever reads the figures. */
+static double loadavg(void)
+{
+    double l = -1;
+    FILE *f = fopen("/proc/loadavg", "r");
+    if (f) {
+        if (fscanf(f, "%lf", &l) != 1)
+            l = -1;
+        fclose(f);
+    }
+    return l;
+}
+
 /* ---- main ------------------------------------------------------------- */
 
 int main(int argc, char **argv)
 {
-    quick = argc > 1 && !strcmp(argv[1], "--quick");
+    for (int i = 1; i < argc; i++) {
+        if (!strcmp(argv[i], "--quick"))
+            quick = 1;
+        else if (!strcmp(argv[i], "--baseline") && i + 1 < argc) {
+            if (!realpath(argv[++i], base_dir))
+                die("--baseline %s: %s", argv[i], strerror(errno));
+            char exe[PATH_MAX + 32];
+            snprintf(exe, sizeof exe, "%s/bench-host", base_dir);
+            if (access(exe, X_OK) != 0)
+                die("--baseline: no %s", exe);
+        } else
+            die("usage: bench [--quick] [--baseline DIR]");
+    }
+    int have_base = base_dir[0] != 0;
     signal(SIGPIPE, SIG_IGN);
     struct rlimit rl;
     if (getrlimit(RLIMIT_NOFILE, &rl) == 0) {
@@ -558,6 +678,7 @@ int main(int argc, char **argv)
     double tp_secs = quick ? 0.5 : 2.0;
     char v[32], sp[40], ra[40];
 
+    double load0 = loadavg();
     pick_cpus();
     pin_to(cpu_client);
     if (cpu_client >= 0)
@@ -590,29 +711,67 @@ int main(int argc, char **argv)
     row("floor: sum (the round-trip floor)", fmt(v, sizeof v, "%.1f us", floor_rtt), "", "", "",
         1);
 
-    /* 2. and 3. Round trips and lock-step throughput, both modes. */
+    /* 2. Round trips, both modes (and the baseline's), measured together:
+     * every host on the server CPU, in turns (manhole_rtt_multi). */
     const char *modes[2] = {"nonthreaded", "threaded"};
+    {
+        pin_to(cpu_client); /* latency: client and server on fixed CPUs */
+        int nh = have_base ? 4 : 2;
+        char rpaths[MAX_HOSTS][128];
+        const char *rp[MAX_HOSTS];
+        proc_t hs[MAX_HOSTS];
+        stat_t st[MAX_HOSTS];
+        for (int j = 0; j < nh; j++) {
+            snprintf(rpaths[j], sizeof rpaths[j], "%s/rtt%d", tmp_dir, j);
+            rp[j] = rpaths[j];
+            hs[j] = start_host_in(j < 2 ? bin_dir : base_dir, rp[j], modes[j % 2], "30", "nice",
+                                  1);
+        }
+        manhole_rtt_multi(rp, nh, n_rtt, st);
+        for (int j = 0; j < nh; j++)
+            stop_host(&hs[j]);
+        for (int j = 0; j < nh; j++) {
+            char name[64];
+            snprintf(name, sizeof name, "1+1 round trip, %s%s", modes[j % 2],
+                     j < 2 ? "" : ", baseline");
+            int thr = j % 2;
+            row(name, fmt(v, sizeof v, "%.1f us", st[j].med),
+                fmt(sp, sizeof sp, "p99 %.1f us", st[j].p99),
+                fmt(ra, sizeof ra, "%.2fx floor", st[j].med / floor_rtt),
+                j >= 2 ? "" : thr ? "<= 2x floor" : "<= 1.5x floor",
+                st[j].med / floor_rtt <= (thr ? 2.0 : 1.5));
+            if (thr) {
+                double r = st[j].med / st[j - 1].med;
+                snprintf(name, sizeof name, "round trip threaded/nonthreaded%s",
+                         j < 2 ? "" : ", baseline");
+                row(name, fmt(v, sizeof v, "%.2fx", r),
+                    fmt(sp, sizeof sp, "p99 %.2fx", st[j].p99 / st[j - 1].p99), "",
+                    j < 2 ? "<= 1.15x" : "", r <= 1.15);
+            }
+        }
+    }
+
+    /* 3. Lock-step throughput, both modes: runs alternate with the
+     * baseline's, if any. */
     double tp1[2] = {0, 0}, connects = 0;
     for (int m = 0; m < 2; m++) {
         snprintf(path, sizeof path, "%s/%s", tmp_dir, modes[m]);
-        pin_to(cpu_client); /* latency: client and server on fixed CPUs */
-        proc_t h = start_host(path, modes[m], "30");
-        stat_t s = manhole_rtt(path, n_rtt);
-        stop_host(&h);
+        char bpath[160];
+        snprintf(bpath, sizeof bpath, "%s/%s-baseline", tmp_dir, modes[m]);
         unpin(); /* throughput: every CPU, as a deployment has them */
-        h = start_host_prio(path, modes[m], "30", "nice", 0);
-        double lim = m ? 2.0 : 1.5;
-        char name[64];
-        snprintf(name, sizeof name, "1+1 round trip, %s", modes[m]);
-        row(name, fmt(v, sizeof v, "%.1f us", s.med), fmt(sp, sizeof sp, "p99 %.1f us", s.p99),
-            fmt(ra, sizeof ra, "%.2fx floor", s.med / floor_rtt),
-            m ? "<= 2x floor" : "<= 1.5x floor", s.med / floor_rtt <= lim);
+        proc_t h = start_host_prio(path, modes[m], "30", "nice", 0), bh = {0, -1, NULL};
+        if (have_base)
+            bh = start_host_in(base_dir, bpath, modes[m], "30", "nice", 0);
+        char name[80];
         int counts[4] = {1, 10, 100, 500};
         for (int k = 0; k < 4; k++) {
-            double runs[3];
-            for (int r = 0; r < 3; r++) /* every reply checked, each run */
+            double runs[3], bruns[3];
+            for (int r = 0; r < 3; r++) { /* every reply checked, each run */
                 runs[r] = lockstep(path, counts[k], tp_secs,
                                    k == 3 && m == 1 && r == 0 ? &connects : NULL);
+                if (have_base)
+                    bruns[r] = lockstep(bpath, counts[k], tp_secs, NULL);
+            }
             qsort(runs, 3, sizeof runs[0], cmp_d);
             double rate = runs[1];
             if (k == 0)
@@ -627,8 +786,50 @@ int main(int argc, char **argv)
                 snprintf(ra, sizeof ra, "%.2fx floor", rate * fl_med / 1e6);
             row(name, fmt(v, sizeof v, "%.0f", rate),
                 fmt(sp, sizeof sp, "min %.0f max %.0f", runs[0], runs[2]), ra, target, ok);
+            if (have_base) {
+                qsort(bruns, 3, sizeof bruns[0], cmp_d);
+                snprintf(name, sizeof name, "statements/s, %d client%s lock-step, %s, baseline",
+                         counts[k], counts[k] > 1 ? "s" : "", modes[m]);
+                row(name, fmt(v, sizeof v, "%.0f", bruns[1]),
+                    fmt(sp, sizeof sp, "min %.0f max %.0f", bruns[0], bruns[2]),
+                    fmt(ra, sizeof ra, "this build %.2fx", rate / bruns[1]), "", 1);
+            }
         }
         if (m == 1) {
+            /* 3b. 500 clients at once, each printing, sleeping 50 ms and
+             * printing again: the pool grows to max_workers (the sleep
+             * blocks a worker), so the floor is 500 x 50 ms / max_workers. */
+            host_cmd(&h, "limits", buf, sizeof buf);
+            size_t d_line = 0, d_input = 0, d_output = 0;
+            int d_workers = 0;
+            if (sscanf(buf, "limits %zu %zu %zu %d", &d_line, &d_input, &d_output,
+                       &d_workers) != 4 || d_workers <= 0)
+                die("bench-host: bad answer to limits: %s", buf);
+            (void)d_line;
+            (void)d_input;
+            (void)d_output;
+            int ns = 500;
+            double sl[3], bsl[3];
+            for (int r = 0; r < (quick ? 1 : 3); r++) {
+                sl[r] = sleepers(path, ns);
+                if (have_base)
+                    bsl[r] = sleepers(bpath, ns);
+            }
+            int nr = quick ? 1 : 3;
+            qsort(sl, (size_t)nr, sizeof sl[0], cmp_d);
+            double sl_floor = ns * 0.05 / d_workers;
+            row("500 clients print, sleep 50 ms, print", fmt(v, sizeof v, "%.2f s", sl[nr / 2]),
+                nr > 1 ? fmt(sp, sizeof sp, "min %.2f max %.2f", sl[0], sl[nr - 1]) : "",
+                fmt(ra, sizeof ra, "%.2fx floor", sl[nr / 2] / sl_floor), "all correct", 1);
+            if (have_base) {
+                qsort(bsl, (size_t)nr, sizeof bsl[0], cmp_d);
+                row("500 clients print, sleep 50 ms, print, baseline",
+                    fmt(v, sizeof v, "%.2f s", bsl[nr / 2]),
+                    nr > 1 ? fmt(sp, sizeof sp, "min %.2f max %.2f", bsl[0], bsl[nr - 1]) : "",
+                    fmt(ra, sizeof ra, "this build %.2fx", bsl[nr / 2] / sl[nr / 2]), "", 1);
+            }
+            row("floor: 500 x 50 ms / max_workers", fmt(v, sizeof v, "%.2f s", sl_floor),
+                fmt(sp, sizeof sp, "max_workers %d", d_workers), "", "", 1);
             /* 4. Bulk output through a threaded host. */
             double mb[3], ml[3];
             for (int i = 0; i < 3; i++)
@@ -689,6 +890,8 @@ int main(int argc, char **argv)
             for (int i = 0; i < 100; i++)
                 close(idle_fds[i]);
         }
+        if (have_base)
+            stop_host(&bh);
         stop_host(&h);
     }
 
@@ -726,10 +929,16 @@ int main(int argc, char **argv)
         stop_host(&h);
     }
 
-    /* 7. Memory per idle client; connects per second. */
+    /* 7. Memory per client, idle and after statements that printed; the
+     * worst case at the default limits; connects per second. */
     snprintf(path, sizeof path, "%s/mem", tmp_dir);
     {
         proc_t h = start_host(path, "threaded", "5");
+        host_cmd(&h, "limits", buf, sizeof buf);
+        size_t d_line = 0, d_input = 0, d_output = 0;
+        int d_workers = 0;
+        if (sscanf(buf, "limits %zu %zu %zu %d", &d_line, &d_input, &d_output, &d_workers) != 4)
+            die("bench-host: bad answer to limits: %s", buf);
         int *fds = calloc(500, sizeof *fds);
         long base = rss_of(&h);
         int at = 0, marks[3] = {1, 100, 500};
@@ -746,6 +955,47 @@ int main(int argc, char **argv)
             row(name, fmt(v, sizeof v, "%.1f KiB", per < 0 ? 0 : per), "", "", "<= 64 KiB",
                 per <= 64);
         }
+        /* Each of the 500 runs a statement that prints (a session, a
+         * compiler, buffers used once), then one that prints 64 KiB (big
+         * buffers, given back once the client is idle again). */
+        static char big[70000];
+        const char *stmts[2] = {"print('client %d ' * 20)\n", "print('x' * 65536)\n"};
+        const char *what[2] = {"RSS per client after a print(), 500 clients",
+                               "RSS per client after printing 64 KiB, 500"};
+        for (int s2 = 0; s2 < 2; s2++) {
+            for (int i = 0; i < 500; i++) {
+                char line[64];
+                int k = snprintf(line, sizeof line, stmts[s2], i);
+                write_all(fds[i], line, (size_t)k);
+                size_t len = read_prompt(fds[i], big, sizeof big);
+                size_t want = s2 ? 65536 + 5 : 0;
+                if (!s2) {
+                    char exp[400];
+                    int el = 0;
+                    for (int r = 0; r < 20; r++)
+                        el += snprintf(exp + el, sizeof exp - (size_t)el, "client %d ", i);
+                    el += snprintf(exp + el, sizeof exp - (size_t)el, "\n>>> ");
+                    want = (size_t)el;
+                    if (len != want || memcmp(big, exp, want) != 0)
+                        die("memory: client %d got %.*s", i, (int)len, big);
+                } else if (len != want) {
+                    die("memory: client %d got %zu bytes, not %zu", i, len, want);
+                }
+            }
+            long r = rss_of(&h);
+            double per = (double)(r - base) / 500;
+            row(what[s2], fmt(v, sizeof v, "%.1f KiB", per < 0 ? 0 : per), "", "", "<= 64 KiB",
+                per <= 64);
+        }
+        /* The worst case, from the limits: a partial line (max_line), queued
+         * input (max_input and one read's worth past it: 16 reads of
+         * 16 KiB), an unfinished block (max_input) and unsent output
+         * (max_output); buffers grow by doubling, so up to about twice that
+         * is allocated. An idle client gives the big buffers back. */
+        double worst = ((double)d_line + (double)d_input + 262144 + (double)d_input +
+                        (double)d_output) / 1048576.0;
+        row("worst case per client at the default limits", fmt(v, sizeof v, "%.1f MiB", worst),
+            fmt(sp, sizeof sp, "alloc <= %.0f MiB", 2 * worst), "", "", 1);
         for (int i = 0; i < 500; i++)
             close(fds[i]);
         free(fds);
@@ -753,6 +1003,9 @@ int main(int argc, char **argv)
         row("connects/s (banner and prompt received)", fmt(v, sizeof v, "%.0f", connects), "",
             "", "", 1);
     }
+
+    row("machine load (1-min average), start and end", fmt(v, sizeof v, "%.2f", load0),
+        fmt(sp, sizeof sp, "end %.2f", loadavg()), "", "", 1);
 
     /* The table. */
     fprintf(stderr, "\n");
