@@ -433,7 +433,13 @@ struct client {
     unsigned char iac;      /* telnet command parser state */
     unsigned char sb_opt;   /* option of the subnegotiation being read */
     unsigned char iac_cmd;  /* the telnet command being read */
+    unsigned char act_intr; /* found by the framer: interrupt (2: after lines) */
+    unsigned char act_tm;   /* ... telnet asked for a timing mark */
+    buf act_comp;           /* ... completion requests: [u32 len][request] */
     unsigned char got_line; /* first line seen (HTTP check) */
+    unsigned char http_done;/* TCP: its first bytes are no HTTP request */
+    unsigned char head_len;
+    char head[24];          /* TCP: the first bytes, until decided */
     unsigned char auth;     /* TCP: waiting for the secret line */
     buf sb;                 /* subnegotiation payload being read */
     unsigned char rd_eof;   /* the client shut down its sending side */
@@ -1730,19 +1736,28 @@ static int looks_like_http(const char *s, size_t n)
 }
 
 /* Do the first bytes of a TCP connection start an HTTP request line
- * ("METHOD /...", "METHOD *", "METHOD http://...")? Decided on the first
- * bytes, however long the line then gets: a browser's request never runs. */
-static int http_prefix(const char *s, size_t n)
+ * ("METHOD /...", "METHOD *", "METHOD http://...")? 1 yes, 0 no, -1 not
+ * yet known. Decided on the first bytes, however long the line then gets,
+ * and however the bytes are cut into reads: a browser's request never
+ * runs. */
+static int http_decide(const char *s, size_t n)
 {
     size_t i = 0;
     while (i < n && s[i] >= 'A' && s[i] <= 'Z')
         i++;
-    if (i < 3 || i > 12 || i + 1 >= n || s[i] != ' ')
+    if (i == n)
+        return i > 12 ? 0 : -1;
+    if (i < 3 || i > 12 || s[i] != ' ')
         return 0;
+    if (i + 1 == n)
+        return -1;
     const char *t = s + i + 1;
     size_t m = n - i - 1;
-    return t[0] == '/' || t[0] == '*' ||
-           (m >= 4 && strncasecmp(t, "http", 4) == 0);
+    if (t[0] == '/' || t[0] == '*')
+        return 1;
+    if (m < 4)
+        return strncasecmp(t, "http", m) == 0 ? -1 : 0;
+    return strncasecmp(t, "http", 4) == 0;
 }
 
 /* Compare a line with the TCP secret in time that depends only on the
@@ -1765,6 +1780,7 @@ static int end_line(client *c, buf *recs)
     size_t n = c->line.len;
     int first = !c->got_line;
     c->got_line = 1;
+    c->http_done = 1; /* a first line ended before it looked like a request */
     int r;
     if (first && c->transport == T_TCP && looks_like_http(p, n))
         return FR_HTTP;
@@ -1813,8 +1829,14 @@ static int start_discard(client *c, buf *recs)
                      c->mh->cfg.max_line) < 0 ? FR_NOMEM : FR_OK;
 }
 
-static void client_interrupt(client *c, int queued);
-static int completion_request(client *c, const char *p, size_t n);
+/* What the framer finds that is not a line (an interrupt, a completion
+ * request, telnet's timing mark) is noted on the client and acted upon by
+ * client_read() once the bytes are framed: the framer itself touches
+ * nothing shared. queued: lines of this read came before the interrupt. */
+static void act_interrupt(client *c, const buf *recs)
+{
+    c->act_intr = buf_used(recs) > 0 ? 2 : 1;
+}
 
 /* A subnegotiation ended (IAC SE). Ours (option 77) carries the extended
  * channel's requests; any other is dropped. */
@@ -1829,11 +1851,14 @@ static int sb_end(client *c, buf *recs)
             r = rec_add(recs, REC_HELLO, p + 1, n - 1) < 0 ? FR_NOMEM : FR_OK;
             break;
         case 'I':
-            client_interrupt(c, buf_used(recs) > 0);
+            act_interrupt(c, recs);
             break;
-        case 'C':
-            r = completion_request(c, p + 1, n - 1) < 0 ? FR_NOMEM : FR_OK;
+        case 'C': { /* [u32 length][request], for client_read() */
+            uint32_t len = (uint32_t)(n - 1);
+            r = buf_add(&c->act_comp, &len, 4) < 0 || buf_add(&c->act_comp, p + 1, n - 1) < 0
+                    ? FR_NOMEM : FR_OK;
             break;
+        }
         case 'E': {
             size_t bad;
             if (memchr(p + 1, 0, n - 1) || !memchr(p + 1, '\n', n - 1) ||
@@ -1881,7 +1906,7 @@ static int frame_bytes(client *c, const unsigned char *p, size_t n, buf *recs)
                                                   : IAC_NONE;
                 c->iac_cmd = ch;
                 if ((ch == TN_IP || ch == TN_BRK) && !c->auth)
-                    client_interrupt(c, buf_used(recs) > 0);
+                    act_interrupt(c, recs);
                 break;
             case IAC_OPT:
                 c->iac = IAC_NONE;
@@ -1890,12 +1915,7 @@ static int frame_bytes(client *c, const unsigned char *p, size_t n, buf *recs)
                      * shows nothing until it comes (RFC 860): everything
                      * before it has been taken in, so it comes now, after
                      * the output already produced. */
-                    static const char tm[3] = {(char)TN_IAC, (char)TN_WILL, (char)TN_OPT_TM};
-                    pthread_mutex_lock(&mh->lock);
-                    buf_add(&c->out, tm, 3);
-                    c->out_tail_e = 0;
-                    mark_dirty_locked(c);
-                    pthread_mutex_unlock(&mh->lock);
+                    c->act_tm = 1;
                 }
                 break;
             case IAC_SB:
@@ -1983,15 +2003,16 @@ static int frame_bytes(client *c, const unsigned char *p, size_t n, buf *recs)
         while (j < n && p[j] != '\n' && p[j] != '\r' && p[j] != TN_IAC)
             j++;
         size_t run = j - i;
-        if (!c->got_line && c->transport == T_TCP && c->line.len < 32) {
+        if (c->transport == T_TCP && !c->http_done) {
             /* The first bytes decide whether this is a browser. */
-            char head[48];
-            size_t hl = c->line.len;
-            memcpy(head, c->line.p ? c->line.p : "", hl);
-            size_t take = MH_MIN(run, sizeof head - hl);
-            memcpy(head + hl, p + i, take);
-            if (http_prefix(head, hl + take))
+            size_t take = MH_MIN(run, sizeof c->head - c->head_len);
+            memcpy(c->head + c->head_len, p + i, take);
+            c->head_len += (unsigned char)take;
+            int d = http_decide(c->head, c->head_len);
+            if (d == 1)
                 return FR_HTTP;
+            if (d == 0 || c->head_len == sizeof c->head)
+                c->http_done = 1;
         }
         if (!c->discard) {
             size_t room = max_line - MH_MIN(max_line, c->line.len);
@@ -2020,6 +2041,7 @@ static void client_free(client *c)
     buf_free(&c->out);
     buf_free(&c->src);
     buf_free(&c->sb);
+    buf_free(&c->act_comp);
     pthread_cond_destroy(&c->cv);
     free(c);
 }
@@ -5771,6 +5793,7 @@ static void client_close(client *c, const char *why)
     buf_free(&c->line);
     buf_free(&c->tx);
     buf_free(&c->sb);
+    buf_free(&c->act_comp);
     LOG_LOCKED(mh, MANHOLE_LOG_INFO, "client #%u closed (%s)", c->id, why);
     c->dead = 1;
     buf_free(&c->inq);
@@ -6070,6 +6093,30 @@ static void client_read(client *c)
         client_close(c, "authentication failed");
         return;
     }
+    if (c->act_tm) {
+        /* telnet asks for a timing mark after an interrupt and shows
+         * nothing until it comes (RFC 860): everything before it has been
+         * taken in, so it comes now, after the output already produced. */
+        static const char tm[3] = {(char)TN_IAC, (char)TN_WILL, (char)TN_OPT_TM};
+        c->act_tm = 0;
+        pthread_mutex_lock(&mh->lock);
+        buf_add(&c->out, tm, 3);
+        c->out_tail_e = 0;
+        mark_dirty_locked(c);
+        pthread_mutex_unlock(&mh->lock);
+    }
+    for (size_t i = 0; i + 4 <= buf_used(&c->act_comp);) {
+        uint32_t len;
+        memcpy(&len, c->act_comp.p + i, 4);
+        if (completion_request(c, c->act_comp.p + i + 4, len) < 0)
+            drop = FR_NOMEM;
+        i += 4 + (size_t)len;
+    }
+    buf_free(&c->act_comp);
+    int intr = c->act_intr;
+    c->act_intr = 0;
+    if (intr == 1) /* before any line of this read: at the prompt */
+        client_interrupt(c, 0);
     if (was_auth && !c->auth) {
         /* The secret was right: now the banner and the prompt. */
         LOG(mh, MANHOLE_LOG_INFO, "client #%u authenticated", c->id);
@@ -6096,6 +6143,8 @@ static void client_read(client *c)
         pthread_mutex_unlock(&mh->lock);
     }
     buf_free(&recs);
+    if (intr == 2) /* after lines of this read: for the statements they start */
+        client_interrupt(c, 1);
     if (drop == -2)
         client_close(c, "out of memory");
     else if (err)

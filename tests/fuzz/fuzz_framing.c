@@ -41,6 +41,8 @@ static int frame_all(const uint8_t *p, size_t n, int transport, size_t chunk_see
     if (r == 0)
         rec_add(recs, REC_EOF, "", 0);
     buf_free(&c.line);
+    buf_free(&c.sb);
+    buf_free(&c.act_comp); /* (acted upon by client_read(), not here) */
     return r;
 }
 
@@ -64,6 +66,9 @@ static void check_records(const buf *recs)
             if (!u)
                 abort();
             Py_DECREF(u);
+        } else if (kind == REC_HELLO || kind == REC_SCRIPT) {
+            if (len > fz.cfg.max_line + 64)
+                abort(); /* bounded like a subnegotiation */
         } else if (kind != REC_ERROR && kind != REC_EOF) {
             abort();
         }
