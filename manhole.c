@@ -514,7 +514,7 @@ struct worker {
     buf rec;                /* the record being processed */
     double hold_until;      /* output held back from the host until then (0: none) */
     unsigned char woke_host;/* the host was asked to send during this job */
-    unsigned char again;    /* this job's client had the one before it too */
+    unsigned char alone;    /* this job's client had the ones before it too */
     buf dout;               /* output being sent by direct_send() */
 };
 
@@ -610,6 +610,7 @@ struct manhole {
     int nsoon;              /* workers that look at the queue again without
                                a signal: spinning, or sending an answer */
     unsigned last_job_id;   /* the client whose job a worker took last */
+    int same_run;           /* ... and how many jobs before that were its */
     unsigned jobs_seq;      /* bumped per job queued while one spins (atomic) */
     int njobs;              /* jobs queued */
     double last_pickup;     /* when a worker last took a job */
@@ -4995,6 +4996,10 @@ static int pop_record_locked(worker *w, client *c, int *kind)
     return 1;
 }
 
+/* A client is alone in lock-step (see WARM_SPIN) once it has had this many
+ * jobs in a row after its first. */
+#define ALONE_JOBS 3
+
 /* May the worker that just ran c's job send c's output itself, rather
  * than wake the host for it? Only if the host has nothing of c's to send
  * or to do (so no byte can overtake another) and no other client waits
@@ -5020,8 +5025,9 @@ static client *process_job(worker *w, client *c)
     c->runner = w;
     w->c = c;
     w->woke_host = 0;
-    w->again = mh->last_job_id == c->id;
+    mh->same_run = mh->last_job_id == c->id ? mh->same_run + 1 : 0;
     mh->last_job_id = c->id;
+    w->alone = mh->same_run >= ALONE_JOBS;
     int requeue = 0;
 again:
     while (!c->dead && !c->exiting && !mh->stopping) {
@@ -5319,9 +5325,10 @@ static void name_python_thread(const char *name)
  * job without sleeping spares the host's futex wake-up and the worker's
  * return from sleep, the two costs a thread pool adds to a round trip.
  * One worker at most spins, with neither the lock nor the GIL, and only
- * when the client had the job before too: one client alone in lock-step.
- * With several clients at work the CPU it would burn is theirs (and the
- * host's), so the worker sleeps as before. */
+ * when the client had the ALONE_JOBS jobs before too (a client alone in
+ * lock-step). With several clients at work (one of them may have two jobs
+ * in a row by chance, hardly four) the CPU it would burn is theirs and
+ * the host's, so the worker sleeps as before. */
 #ifndef WARM_SPIN
 #define WARM_SPIN 25e-6
 #endif
@@ -5408,7 +5415,7 @@ static void *worker_main(void *arg)
         client *send = process_job(w, c);
         ts = PyEval_SaveThread();
         if (send) /* spin only for a client alone in lock-step (see WARM_SPIN) */
-            warm = direct_send(w, send) && w->again;
+            warm = direct_send(w, send) && w->alone;
         pthread_mutex_lock(&mh->lock);
         if (send) { /* (counted idle since its job ended: process_job) */
             mh->nsoon--;
