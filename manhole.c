@@ -31,18 +31,20 @@
  *    client moves on with another worker. In non-threaded mode the host
  *    thread itself plays the worker, inside manhole_poll().
  *    A worker whose job ends with the client's output still held back (see
- *    below), none of that client's bytes with the host and no other job
- *    queued, sends the output itself, with neither the GIL nor the lock
- *    (direct_send(): one non-blocking send; what the socket does not take
- *    goes back to the host), and the host is not woken: a round trip pays
- *    one hand-off between threads, not two. Meanwhile it counts as idle:
+ *    below), none of that client's bytes with the host, no other job
+ *    queued and no other worker busy, sends the output itself, with
+ *    neither the GIL nor the lock (direct_send(): one non-blocking send;
+ *    what the socket does not take goes back to the host), and the host
+ *    is not woken: a round trip pays one hand-off between threads, not
+ *    two. Meanwhile it counts as idle:
  *    a line that arrives is its next job, taken without a wake-up (and no
  *    sign of a starved queue for the watchdog). If that client had the
  *    last few jobs too (a client alone in lock-step), the worker then
  *    spins for WARM_SPIN (25 us, one worker at most) before it sleeps: the
  *    client's next line is queued by then, and the host's wake-up of a
- *    sleeping worker is saved too. Under load (jobs queued) the host
- *    sends, many clients per wake-up, and the workers only run statements.
+ *    sleeping worker is saved too. Under load (jobs queued, workers busy)
+ *    the host sends, many clients per wake-up, and reads their next lines
+ *    in batches, while the workers only run statements.
  *  - The watchdog (created with the first worker, or when a timeout is
  *    set): sleeps until the earliest statement deadline, writes the
  *    TimeoutError report for an expired statement, and interrupts it with
@@ -5002,15 +5004,16 @@ static int pop_record_locked(worker *w, client *c, int *kind)
 
 /* May the worker that just ran c's job send c's output itself, rather
  * than wake the host for it? Only if the host has nothing of c's to send
- * or to do (so no byte can overtake another) and no other client waits
- * for a worker (under load the host sends, batching, while the workers
- * run statements). Lock held. */
+ * or to do (so no byte can overtake another), and nothing else is going
+ * on: no job queued, no other worker busy. Under load the host sends,
+ * many clients per wake-up, and reads their next lines in batches, while
+ * the workers run statements. Lock held. */
 static int direct_ok_locked(worker *w, client *c)
 {
     manhole *mh = c->mh;
     return !w->is_host && !w->woke_host && buf_used(&c->out) > 0 && c->tx_backlog == 0 &&
            !c->sending && !c->out_blocked && !c->eof_done && !c->exiting && !c->in_paused &&
-           !mh->jq_head && !mh->stopping;
+           !mh->jq_head && mh->nworkers - mh->nidle <= 1 && !mh->stopping;
 }
 
 /* Run a client's queued input: one statement at a time, handing the
