@@ -36,9 +36,9 @@
  *    neither the GIL nor the lock (direct_send(): one non-blocking send;
  *    what the socket does not take goes back to the host), and the host
  *    is not woken: a round trip pays one hand-off between threads, not
- *    two. Meanwhile it counts as idle:
- *    a line that arrives is its next job, taken without a wake-up (and no
- *    sign of a starved queue for the watchdog). If that client had the
+ *    two. Meanwhile it counts as idle: a line that arrives is its next
+ *    job, taken without a wake-up (and no sign of a starved queue for the
+ *    watchdog). If that client had the
  *    last few jobs too (a client alone in lock-step), the worker then
  *    spins for WARM_SPIN (25 us, one worker at most) before it sleeps: the
  *    client's next line is queued by then, and the host's wake-up of a
@@ -80,9 +80,10 @@
  * announced as it is written: a worker holds it back until its job ends
  * (then sends it itself or wakes the host once), until it is about to
  * wait (for room, input, a host call), or for OUTPUT_HOLD (1 ms) at most,
- * which the watchdog enforces. So a short statement wakes nobody, and
- * streaming output costs about a wake-up per millisecond (or per
- * max_output bytes), not per print().
+ * which the watchdog enforces. So a short statement on a quiet manhole
+ * wakes nobody, and streaming output costs about a wake-up per
+ * millisecond (or per max_output bytes), not per print(). (What threads
+ * a statement started write is announced at once.)
  *
  * Output
  * ------
