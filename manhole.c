@@ -38,13 +38,13 @@
  *    is not woken: a round trip pays one hand-off between threads, not
  *    two. Meanwhile it counts as idle: a line that arrives is its next
  *    job, taken without a wake-up (and no sign of a starved queue for the
- *    watchdog). If that client had the
- *    last few jobs too (a client alone in lock-step), the worker then
- *    spins for WARM_SPIN (25 us, one worker at most) before it sleeps: the
- *    client's next line is queued by then, and the host's wake-up of a
- *    sleeping worker is saved too. Under load (jobs queued, workers busy)
- *    the host sends, many clients per wake-up, and reads their next lines
- *    in batches, while the workers only run statements.
+ *    watchdog). If that client had the last few jobs too (a client alone
+ *    in lock-step), the worker then spins for WARM_SPIN (25 us, one worker
+ *    at most) before it sleeps: the client's next line is queued by then,
+ *    and the host's wake-up of a sleeping worker is saved too. Under load
+ *    (jobs queued, workers busy) the host sends, many clients per
+ *    wake-up, and reads their next lines in batches, while the workers
+ *    only run statements.
  *  - The watchdog (created with the first worker, or when a timeout is
  *    set): sleeps until the earliest statement deadline, writes the
  *    TimeoutError report for an expired statement, and interrupts it with
