@@ -2189,8 +2189,10 @@ static void client_error(worker *w, client *c, const char *p, size_t n)
             buf_add_escaped(&c->out, p, n);
             const char end[2] = {(char)TN_IAC, (char)TN_SE};
             buf_add(&c->out, end, 2);
-            mark_dirty_locked(c);
+            int wake_wd = output_added_locked(w, c);
             pthread_mutex_unlock(&mh->lock);
+            if (wake_wd)
+                pthread_cond_signal(&mh->wd_cv);
             return;
         }
     }
@@ -5139,6 +5141,7 @@ static int direct_send(worker *w, client *c)
     buf t = w->dout;
     w->dout = c->out;
     c->out = t;
+    c->out_tail_e = 0;
     c->tx_backlog = buf_used(&w->dout);
     c->sending = 1;
     pthread_mutex_unlock(&mh->lock);

@@ -11,7 +11,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -277,32 +276,12 @@ class Client:
 
 
 def interactive_console(text):
-    """What the interactive interpreter prints for this input (the oracle).
-
-    code.InteractiveConsole's control flow (codeop, prompts, EOF), with
-    errors displayed by the interpreter's own sys.__excepthook__ as
-    `python3 -i` displays them (InteractiveConsole formats some syntax
-    errors with the traceback module instead, with other carets). Same
-    interpreter as the embedded one, filename <stdin> like the REPL,
-    stdout and stderr merged in order."""
-    prog = (
-        "import code, sys\n"
-        "class Oracle(code.InteractiveConsole):\n"
-        "    def showsyntaxerror(self, filename=None):\n"
-        "        t, v, tb = sys.exc_info()\n"
-        "        sys.last_type, sys.last_value, sys.last_traceback = t, v, None\n"
-        "        sys.__excepthook__(t, v.with_traceback(None), None)\n"
-        "    def showtraceback(self):\n"
-        "        t, v, tb = sys.exc_info()\n"
-        "        sys.__excepthook__(t, v.with_traceback(tb.tb_next), tb.tb_next)\n"
-        "Oracle({'__name__': '__main__', '__doc__': None}, filename='<stdin>')"
-        ".interact(banner='', exitmsg='')\n"
-    )
-    r = subprocess.run([sys.executable, "-u", "-c", prog], input=text.encode(),
-                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=TIMEOUT)
-    out = r.stdout.decode("utf-8", "replace")
-    # interact() writes a newline when it meets EOF
-    return out[:-1] if out.endswith("\n") else out
+    """What `python3 -i` prints for this input (the oracle): the same
+    CPython's own interactive loop fed the same lines, as tests/parity_util
+    drives it (MANHOLE_ORACLE_PYTHON), with only what a terminal needs at
+    end of input left out."""
+    from parity_util import eof_normalise, python_i
+    return eof_normalise(python_i(text, tempfile.gettempdir()))
 
 
 @pytest.fixture

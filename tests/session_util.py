@@ -397,12 +397,15 @@ def python_i(text, timeout=TIMEOUT):
     attrs[1] &= ~termios.OPOST
     attrs[3] &= ~termios.ECHO
     termios.tcsetattr(slave, termios.TCSANOW, attrs)
-    # The same interpreter as the embedded one (conftest runs pytest with
-    # it); -S keeps site (and readline) out.
-    p = subprocess.Popen([sys.executable, "-S", "-q", "-i", "-c",
+    # The same CPython as the embedded one (MANHOLE_ORACLE_PYTHON, set by
+    # make check-pythons; else the one running pytest); -S keeps site (and
+    # readline) out; 3.13+ on its basic REPL, the interactive loop.
+    python = os.environ.get("MANHOLE_ORACLE_PYTHON") or sys.executable
+    p = subprocess.Popen([python, "-S", "-q", "-i", "-c",
                           "import sys; sys.modules['readline'] = None"],
                          stdin=slave, stdout=slave, stderr=slave, start_new_session=True,
-                         env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "TERM": "dumb"})
+                         env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "TERM": "dumb",
+                              "PYTHON_BASIC_REPL": "1"})
     os.close(slave)
     # (a queued ^D is lost on Linux ptys when sent before the reader
     # starts, so the transcript ends with a statement that exits)

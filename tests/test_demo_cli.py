@@ -206,6 +206,9 @@ def test_permission_problem_refused(sockdir):
     if os.geteuid() == 0:
         os.chmod(d, 0o755)  # root-owned: nobody may not create files in it
         r = run_demo("--path", path, preexec_fn=lambda: os.setuid(65534))
+        if r.returncode == 127 and b"error while loading shared libraries" in r.stderr:
+            # make check-pythons: a pyenv libpython under root's private home
+            pytest.skip("nobody cannot load this build's libpython")
     else:
         os.chmod(d, 0o555)
         r = run_demo("--path", path)

@@ -123,7 +123,9 @@ int main(int argc, char **argv) {
                            stdout=subprocess.PIPE, check=True).stdout.decode().split()
     exe = tmp_path / "myhost"
     subprocess.run(["cc"] + TEST_CFLAGS + [str(host), "-o", str(exe)] + flags, check=True)
-    p = Proc([exe, sockdir / "s"], env={"LD_LIBRARY_PATH": str(usr / "lib")})
+    # (after the installed library: the embedded CPython's own, if any)
+    libs = [str(usr / "lib")] + os.environ.get("LD_LIBRARY_PATH", "").split(os.pathsep)
+    p = Proc([exe, sockdir / "s"], env={"LD_LIBRARY_PATH": os.pathsep.join(filter(None, libs))})
     try:
         c = p.client()
         assert c.greeting == b"installed\n>>> "

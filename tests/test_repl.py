@@ -90,15 +90,22 @@ def test_syntax_error_shows_no_internal_frames(demo):
     assert "codeop" not in out and "Traceback" not in out
 
 
+def frames_and_error(out):
+    """A traceback without the source lines and carets 3.13+ shows under
+    frames from the prompt (as its python3 -i does)."""
+    return [line for line in out.splitlines() if not line.startswith("    ")]
+
+
 def test_traceback_shows_no_internal_frames(demo):
     c = demo.client()
     out = c.cmd("1/0")
-    assert out == ('Traceback (most recent call last):\n'
-                   '  File "<stdin>", line 1, in <module>\n'
-                   'ZeroDivisionError: division by zero\n')
+    assert frames_and_error(out) == [
+        'Traceback (most recent call last):',
+        '  File "<stdin>", line 1, in <module>',
+        'ZeroDivisionError: division by zero']
     c.block(["def f():", "    raise KeyError('k')"])
     out = c.cmd("f()")
-    assert out.splitlines() == [
+    assert frames_and_error(out) == [
         "Traceback (most recent call last):",
         '  File "<stdin>", line 1, in <module>',
         '  File "<stdin>", line 2, in f',

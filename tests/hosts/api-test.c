@@ -109,7 +109,7 @@ int main(int argc, char **argv)
           "defaults: no listener, TCP off, mode 0600");
     check(cfg.threaded == 1 && cfg.timeout == 5.0 && cfg.shared_namespace == 0,
           "defaults: threaded, 5 s timeout, per-client namespace");
-    check(cfg.max_clients == 64 && cfg.max_line == 1u << 20 && cfg.max_output == 1u << 20 &&
+    check(cfg.max_clients == 0 && cfg.max_line == 1u << 20 && cfg.max_output == 1u << 20 &&
               cfg.max_workers == 16 && cfg.worker_priority == MANHOLE_WORKERS_NICE &&
               cfg.close_timeout == 1.0,
           "defaults: limits");
