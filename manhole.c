@@ -31,18 +31,20 @@
  *    client moves on with another worker. In non-threaded mode the host
  *    thread itself plays the worker, inside manhole_poll().
  *    A worker whose job ends with the client's output still held back (see
- *    below), none of that client's bytes with the host and no other job
- *    queued, sends the output itself, with neither the GIL nor the lock
- *    (direct_send(): one non-blocking send; what the socket does not take
- *    goes back to the host), and the host is not woken: a round trip pays
- *    one hand-off between threads, not two. Meanwhile it counts as idle:
- *    a line that arrives is its next job, taken without a wake-up (and no
- *    sign of a starved queue for the watchdog). If that client had the job
- *    before too (a client alone in lock-step), the worker then spins for
- *    WARM_SPIN (25 us, one worker at most) before it sleeps: the client's
- *    next line is queued by then, and the host's wake-up of a sleeping
- *    worker is saved too. Under load (jobs queued) the host sends, many
- *    clients per wake-up, and the workers only run statements.
+ *    below), none of that client's bytes with the host, no other job
+ *    queued and no other worker busy, sends the output itself, with
+ *    neither the GIL nor the lock (direct_send(): one non-blocking send;
+ *    what the socket does not take goes back to the host), and the host
+ *    is not woken: a round trip pays one hand-off between threads, not
+ *    two. Meanwhile it counts as idle: a line that arrives is its next
+ *    job, taken without a wake-up (and no sign of a starved queue for the
+ *    watchdog). If that client had the last few jobs too (a client alone
+ *    in lock-step), the worker then spins for WARM_SPIN (25 us, one worker
+ *    at most) before it sleeps: the client's next line is queued by then,
+ *    and the host's wake-up of a sleeping worker is saved too. Under load
+ *    (jobs queued, workers busy) the host sends, many clients per
+ *    wake-up, and reads their next lines in batches, while the workers
+ *    only run statements.
  *  - The watchdog (created with the first worker, or when a timeout is
  *    set): sleeps until the earliest statement deadline, writes the
  *    TimeoutError report for an expired statement, and interrupts it with
@@ -78,9 +80,10 @@
  * announced as it is written: a worker holds it back until its job ends
  * (then sends it itself or wakes the host once), until it is about to
  * wait (for room, input, a host call), or for OUTPUT_HOLD (1 ms) at most,
- * which the watchdog enforces. So a short statement wakes nobody, and
- * streaming output costs about a wake-up per millisecond (or per
- * max_output bytes), not per print().
+ * which the watchdog enforces. So a short statement on a quiet manhole
+ * wakes nobody, and streaming output costs about a wake-up per
+ * millisecond (or per max_output bytes), not per print(). (What threads
+ * a statement started write is announced at once.)
  *
  * Output
  * ------
@@ -520,7 +523,7 @@ struct worker {
     buf rec;                /* the record being processed */
     double hold_until;      /* output held back from the host until then (0: none) */
     unsigned char woke_host;/* the host was asked to send during this job */
-    unsigned char again;    /* this job's client had the one before it too */
+    unsigned char alone;    /* this job's client had the ones before it too */
     buf dout;               /* output being sent by direct_send() */
 };
 
@@ -616,6 +619,7 @@ struct manhole {
     int nsoon;              /* workers that look at the queue again without
                                a signal: spinning, or sending an answer */
     unsigned last_job_id;   /* the client whose job a worker took last */
+    int same_run;           /* ... and how many jobs before that were its */
     unsigned jobs_seq;      /* bumped per job queued while one spins (atomic) */
     int njobs;              /* jobs queued */
     double last_pickup;     /* when a worker last took a job */
@@ -5019,17 +5023,22 @@ static int pop_record_locked(worker *w, client *c, int *kind)
     return 1;
 }
 
+/* A client is alone in lock-step (see WARM_SPIN) once it has had this many
+ * jobs in a row after its first. */
+#define ALONE_JOBS 3
+
 /* May the worker that just ran c's job send c's output itself, rather
  * than wake the host for it? Only if the host has nothing of c's to send
- * or to do (so no byte can overtake another) and no other client waits
- * for a worker (under load the host sends, batching, while the workers
- * run statements). Lock held. */
+ * or to do (so no byte can overtake another), and nothing else is going
+ * on: no job queued, no other worker busy. Under load the host sends,
+ * many clients per wake-up, and reads their next lines in batches, while
+ * the workers run statements. Lock held. */
 static int direct_ok_locked(worker *w, client *c)
 {
     manhole *mh = c->mh;
     return !w->is_host && !w->woke_host && buf_used(&c->out) > 0 && c->tx_backlog == 0 &&
            !c->sending && !c->out_blocked && !c->eof_done && !c->exiting && !c->in_paused &&
-           !mh->jq_head && !mh->stopping;
+           !mh->jq_head && mh->nworkers - mh->nidle <= 1 && !mh->stopping;
 }
 
 /* Run a client's queued input: one statement at a time, handing the
@@ -5044,8 +5053,9 @@ static client *process_job(worker *w, client *c)
     c->runner = w;
     w->c = c;
     w->woke_host = 0;
-    w->again = mh->last_job_id == c->id;
+    mh->same_run = mh->last_job_id == c->id ? mh->same_run + 1 : 0;
     mh->last_job_id = c->id;
+    w->alone = mh->same_run >= ALONE_JOBS;
     int requeue = 0;
 again:
     while (!c->dead && !c->exiting && !mh->stopping) {
@@ -5344,9 +5354,10 @@ static void name_python_thread(const char *name)
  * job without sleeping spares the host's futex wake-up and the worker's
  * return from sleep, the two costs a thread pool adds to a round trip.
  * One worker at most spins, with neither the lock nor the GIL, and only
- * when the client had the job before too: one client alone in lock-step.
- * With several clients at work the CPU it would burn is theirs (and the
- * host's), so the worker sleeps as before. */
+ * when the client had the ALONE_JOBS jobs before too (a client alone in
+ * lock-step). With several clients at work (one of them may have two jobs
+ * in a row by chance, hardly four) the CPU it would burn is theirs and
+ * the host's, so the worker sleeps as before. */
 #ifndef WARM_SPIN
 #define WARM_SPIN 25e-6
 #endif
@@ -5433,7 +5444,7 @@ static void *worker_main(void *arg)
         client *send = process_job(w, c);
         ts = PyEval_SaveThread();
         if (send) /* spin only for a client alone in lock-step (see WARM_SPIN) */
-            warm = direct_send(w, send) && w->again;
+            warm = direct_send(w, send) && w->alone;
         pthread_mutex_lock(&mh->lock);
         if (send) { /* (counted idle since its job ended: process_job) */
             mh->nsoon--;
