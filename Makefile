@@ -16,6 +16,8 @@ PYTHON ?= $(shell pkg-config --variable=exec_prefix $(PYTHON_PC) 2>/dev/null || 
 
 CC ?= cc
 AR ?= ar
+LD ?= ld
+OBJCOPY ?= objcopy
 OPTIMIZATION ?= -O2
 DEBUG ?= -g
 WARNINGS = -Wall -Wextra -Wpedantic -Wshadow -Wstrict-prototypes -Wwrite-strings
@@ -57,11 +59,24 @@ default: deps
 
 all: $(B)/libmanhole.a $(B)/libmanhole.so $(B)/demo/manhole-demo $(B)/cli/manhole-cli
 
-$(B)/manhole.o: manhole.c manhole.h
-	@mkdir -p $(B)
-	$(CC) $(REAL_CFLAGS) -c manhole.c -o $@
+# The library's sources: manhole.c (the core) and the files behind its
+# private headers. Their own symbols are hidden: in the .so by visibility,
+# in the .a by linking them into one object whose hidden symbols are made
+# local, so a program linking libmanhole.a sees only manhole_* names.
+LIB_SRCS = manhole.c wire.c
+LIB_HDRS = manhole.h wire.h
+LIB_OBJS = $(LIB_SRCS:%.c=$(B)/obj/%.o)
+
+$(B)/obj/%.o: %.c $(LIB_HDRS)
+	@mkdir -p $(B)/obj
+	$(CC) $(REAL_CFLAGS) -c $< -o $@
+
+$(B)/manhole.o: $(LIB_OBJS)
+	$(LD) -r -o $@ $(LIB_OBJS)
+	$(OBJCOPY) --localize-hidden $@
 
 $(B)/libmanhole.a: $(B)/manhole.o
+	rm -f $@
 	$(AR) rcs $@ $(B)/manhole.o
 
 $(B)/libmanhole.so.$(VERSION): $(B)/manhole.o
@@ -84,10 +99,10 @@ hosts: $(HOSTS)
 # The client (cli/): libc and libedit only, no Python.
 EDIT_CFLAGS = $(shell pkg-config --cflags libedit 2>/dev/null)
 EDIT_LIBS = $(shell pkg-config --libs libedit 2>/dev/null || echo -ledit)
-$(B)/cli/manhole-cli: cli/manhole-cli.c manhole.h
+$(B)/cli/manhole-cli: cli/manhole-cli.c manhole.h wire.c wire.h
 	@mkdir -p $(B)/cli
-	$(CC) -std=c11 $(OPTIMIZATION) $(DEBUG) $(WARNINGS) $(EDIT_CFLAGS) $(VARIANT_CFLAGS) \
-	      $(CFLAGS) $(REAL_LDFLAGS) -o $@ cli/manhole-cli.c $(EDIT_LIBS)
+	$(CC) -std=c11 $(OPTIMIZATION) $(DEBUG) $(WARNINGS) -I. $(EDIT_CFLAGS) $(VARIANT_CFLAGS) \
+	      $(CFLAGS) $(REAL_LDFLAGS) -o $@ cli/manhole-cli.c wire.c $(EDIT_LIBS)
 cli: $(B)/cli/manhole-cli
 
 # Examples build as a user's program would: against the header and the
@@ -210,10 +225,10 @@ check-pythons: deps
 
 FUZZ_TIME ?= 60
 FUZZ_FLAGS = -g -O1 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all
-build/fuzz/fuzz_framing: tests/fuzz/fuzz_framing.c manhole.c manhole.h
+build/fuzz/fuzz_framing: tests/fuzz/fuzz_framing.c $(LIB_SRCS) $(LIB_HDRS)
 	@mkdir -p build/fuzz/corpus
 	clang $(FUZZ_FLAGS) -std=c11 -Wno-unused-function $(PY_CFLAGS) -o $@ \
-	      tests/fuzz/fuzz_framing.c $(PY_LIBS) -lpthread
+	      tests/fuzz/fuzz_framing.c wire.c $(PY_LIBS) -lpthread
 
 # A bounded session; the corpus grows in build/fuzz/corpus.
 fuzz: deps
@@ -232,9 +247,9 @@ $(B)/bench/bench: bench/bench.c
 $(B)/bench/bench-host: bench/bench-host.c manhole.h $(B)/libmanhole.a
 	@mkdir -p $(B)/bench
 	$(CC) $(REAL_CFLAGS) $(REAL_LDFLAGS) -o $@ bench/bench-host.c $(B)/libmanhole.a $(LIBS)
-$(B)/bench/floor: bench/floor.c manhole.c manhole.h
+$(B)/bench/floor: bench/floor.c $(LIB_SRCS) $(LIB_HDRS)
 	@mkdir -p $(B)/bench
-	$(CC) $(REAL_CFLAGS) -Wno-unused-function $(REAL_LDFLAGS) -o $@ bench/floor.c $(LIBS)
+	$(CC) $(REAL_CFLAGS) -Wno-unused-function $(REAL_LDFLAGS) -o $@ bench/floor.c wire.c $(LIBS)
 
 bench-bins: $(BENCH)
 
@@ -249,6 +264,7 @@ soak: deps
 	$(PYTHON) tests/soak.py --seconds $(SOAK_SECONDS) --clients $(SOAK_CLIENTS)
 
 clean:
+	rm -rf obj
 	rm -f *.o *.a libmanhole.so* manhole.pc demo/manhole-demo tests/hosts/test-host tests/hosts/api-test bench/bench \
 	      bench/bench-host bench/floor $(EXAMPLES)
 	rm -rf build tests/__pycache__ .pytest_cache
