@@ -43,7 +43,7 @@ PKGCONFIGDIR ?= $(LIBDIR)/pkgconfig
 
 # Build directory: `.` for the normal build, build/<variant> for the others.
 B ?= .
-HOSTS = $(B)/tests/hosts/test-host $(B)/tests/hosts/api-test
+HOSTS = $(B)/tests/hosts/test-host $(B)/tests/hosts/api-test $(B)/tests/hosts/wire-test
 EXAMPLES = $(B)/examples/select-host $(B)/examples/poll-host $(B)/examples/libevent-host \
            $(B)/examples/libuv-host
 PYTEST = $(PYTHON) -m pytest -q -p no:cacheprovider
@@ -93,6 +93,12 @@ $(B)/demo/manhole-demo: demo/manhole-demo.c manhole.h $(B)/libmanhole.a
 $(B)/tests/hosts/%: tests/hosts/%.c manhole.h $(B)/libmanhole.a
 	@mkdir -p $(B)/tests/hosts
 	$(CC) $(REAL_CFLAGS) $(REAL_LDFLAGS) -o $@ $< $(B)/libmanhole.a $(LIBS)
+
+# wire.c on its own (its symbols are hidden in the library).
+$(B)/tests/hosts/wire-test: tests/hosts/wire-test.c wire.c wire.h
+	@mkdir -p $(B)/tests/hosts
+	$(CC) -std=c11 $(OPTIMIZATION) $(DEBUG) $(WARNINGS) $(VARIANT_CFLAGS) $(CFLAGS) \
+	      $(REAL_LDFLAGS) -o $@ tests/hosts/wire-test.c wire.c
 
 hosts: $(HOSTS)
 

@@ -131,8 +131,15 @@
  * "manhole: ..." message. When the client shuts down its sending side,
  * every line already sent is run, a block still open is closed as by an
  * empty line, the output is delivered and the server closes. A TCP client
- * must send the secret as its first line (unless tcp_insecure); one whose
- * first bytes look like HTTP is dropped before anything runs.
+ * must first show it knows the secret (unless tcp_insecure): by sending it
+ * as its first line, or by the challenge-response of wire.h, in which the
+ * server proves it knows the secret first and neither side sends it. Until
+ * then it gets nothing, is kept for AUTH_TIMEOUT at most, may hold no
+ * more than a secret's bytes, and takes one of AUTH_PENDING_MAX places of
+ * its own rather than one of max_clients. One whose first bytes look like
+ * HTTP is dropped before anything runs. The secret file is named after the
+ * address the listener bound (wire.h), so hosts on one port number but
+ * different addresses never touch each other's.
  *
  * A client that asks for it (telnet subnegotiation of the private option
  * 77, "hello") gets the extended channel: prompts, statement status and
@@ -149,6 +156,7 @@
 #include <Python.h> /* first: it sets the feature-test macros */
 
 #include "manhole.h"
+#include "wire.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -411,6 +419,18 @@ enum {
 #define INTERRUPT_GRACE 1.0 /* seconds an interrupted statement has to stop
                                before it is abandoned like a timed-out one */
 
+/* A TCP client before it is authenticated (README, Security): it has
+ * AUTH_TIMEOUT seconds to send the secret line or finish the challenge-
+ * response (wire.h), and is closed then; at most AUTH_PENDING_MAX such
+ * connections are kept (one more is refused at once), and they do not
+ * count against max_clients until they are in. Before that the library
+ * keeps at most a secret line's (MH_SECRET_MAX) or an authentication
+ * record's (AUTH_SB_MAX) bytes of them: one more is a refusal. */
+#define AUTH_TIMEOUT 5.0
+#define AUTH_PENDING_MAX 16
+#define AUTH_SB_MAX (2 + MH_PROOF_HEX)
+enum { AUTH_NONE = 0, AUTH_LINE = 1, AUTH_PROOF = 2 };
+
 /* Tags for poller registrations that are not clients. */
 #define TAG_LISTEN_UNIX ((void *)1)
 #define TAG_LISTEN_TCP ((void *)2)
@@ -443,7 +463,14 @@ struct client {
     unsigned char http_done;/* TCP: its first bytes are no HTTP request */
     unsigned char head_len;
     char head[24];          /* TCP: the first bytes, until decided */
-    unsigned char auth;     /* TCP: waiting for the secret line */
+    unsigned char auth;     /* TCP: AUTH_LINE or AUTH_PROOF until the
+                               client has shown it knows the secret */
+    unsigned char pending;  /* counted in npending, not nclients (not
+                               authenticated yet) */
+    unsigned char auth_reply_len; /* the challenge's answer, to be sent */
+    double auth_deadline;   /* closed then if still not authenticated */
+    char auth_expect[MH_PROOF_HEX + 1]; /* the CPROOF it must send */
+    char auth_reply[16 + MH_NONCE_HEX + MH_PROOF_HEX]; /* IAC SB 77 A 1 ... */
     buf sb;                 /* subnegotiation payload being read */
     unsigned char rd_eof;   /* the client shut down its sending side */
     unsigned char rd_paused;/* input queue full: not reading */
@@ -567,9 +594,13 @@ struct manhole {
     manhole *reg_next;      /* all open manholes (closed in a fork child) */
 
     /* TCP authentication. */
-    char secret[130];       /* "" with tcp_insecure */
+    char endpoint[64];      /* the TCP listener's address ("127.0.0.1:7000") */
+    char secret[MH_SECRET_MAX + 1]; /* "" with tcp_insecure */
     size_t secret_len;
     char *secret_path;      /* the file we wrote, removed at close */
+    dev_t secret_dev;       /* ... which is this one: never remove */
+    ino_t secret_ino;       /*     another's file of the same name */
+    int npending;           /* TCP clients not authenticated yet */
 
     /* Running out of descriptors: a spare one to accept-and-refuse with,
      * and a pause of the listeners. */
@@ -1287,6 +1318,8 @@ static int tcp_listen(manhole *mh)
         mh->tcp_port = ntohs(ss.ss_family == AF_INET6
                                  ? ((struct sockaddr_in6 *)&ss)->sin6_port
                                  : ((struct sockaddr_in *)&ss)->sin_port);
+        if (mh_endpoint(mh->endpoint, sizeof mh->endpoint, (struct sockaddr *)&ss, sl) < 0)
+            snprintf(mh->endpoint, sizeof mh->endpoint, "%s:%d", host, mh->tcp_port);
         if (!is_loopback(ai->ai_addr))
             LOG(mh, MANHOLE_LOG_WARNING,
                 "listening on non-loopback address %s port %d: anyone who "
@@ -1324,68 +1357,59 @@ static int private_dir(manhole *mh, const char *dir)
     return MANHOLE_OK;
 }
 
-/* Make (or take) the secret and write it where clients of this user find
- * it: O_EXCL|O_NOFOLLOW, mode 0600, never through a link. */
-static int secret_setup(manhole *mh)
+/* The secret: the host's (tcp_secret), or 32 random bytes as 64 hex
+ * digits. */
+static int secret_make(manhole *mh)
 {
-    const manhole_config *c = &mh->cfg;
-    if (mh->lfd_tcp < 0)
-        return MANHOLE_OK;
-    if (c->tcp_insecure) {
-        LOG(mh, MANHOLE_LOG_WARNING,
-            "tcp port %d without a secret (tcp_insecure): any local user who "
-            "can connect runs Python as uid %ld",
-            mh->tcp_port, (long)geteuid());
-        return MANHOLE_OK;
-    }
-    if (c->tcp_secret) {
-        size_t n = strlen(c->tcp_secret);
-        if (n == 0 || n >= sizeof mh->secret || strpbrk(c->tcp_secret, "\r\n") ||
-            (unsigned char)c->tcp_secret[0] == TN_IAC)
-            return set_err(mh, MANHOLE_EINVAL,
-                           "tcp_secret: 1 to %zu bytes, no line breaks",
-                           sizeof mh->secret - 1);
-        memcpy(mh->secret, c->tcp_secret, n + 1);
-        mh->secret_len = n;
-    } else {
-        unsigned char rnd[32];
-        int fd = open("/dev/urandom", O_RDONLY | O_CLOEXEC);
-        ssize_t r = fd >= 0 ? read(fd, rnd, sizeof rnd) : -1;
-        if (fd >= 0)
-            close(fd);
-        if (r != (ssize_t)sizeof rnd)
+    const char *given = mh->cfg.tcp_secret;
+    if (!given) {
+        if (mh_random_hex(mh->secret, 32) < 0)
             return set_err(mh, MANHOLE_ESYS, "cannot read /dev/urandom for the TCP secret");
-        for (size_t i = 0; i < sizeof rnd; i++)
-            snprintf(mh->secret + 2 * i, 3, "%02x", rnd[i]);
-        mh->secret_len = 2 * sizeof rnd;
+        mh->secret_len = 64;
+        return MANHOLE_OK;
     }
-    char path[PATH_MAX];
-    if (c->tcp_secret_file) {
-        if (snprintf(path, sizeof path, "%s", c->tcp_secret_file) >= (int)sizeof path)
+    size_t n = strlen(given);
+    if (n == 0 || n > MH_SECRET_MAX || strpbrk(given, "\r\n") ||
+        (unsigned char)given[0] == TN_IAC)
+        return set_err(mh, MANHOLE_EINVAL, "tcp_secret: 1 to %d bytes, no line breaks",
+                       MH_SECRET_MAX);
+    memcpy(mh->secret, given, n + 1);
+    mh->secret_len = n;
+    return MANHOLE_OK;
+}
+
+/* Where the secret file goes: tcp_secret_file, or the rule of wire.h
+ * (DIR/tcp-ENDPOINT.secret, DIR made private here). */
+static int secret_file_path(manhole *mh, char *path, size_t n)
+{
+    if (mh->cfg.tcp_secret_file) {
+        if (snprintf(path, n, "%s", mh->cfg.tcp_secret_file) >= (int)n)
             return set_err(mh, MANHOLE_EINVAL, "tcp_secret_file: path too long");
-    } else if (c->tcp_secret) {
-        return MANHOLE_OK; /* the host hands its secret out itself */
-    } else {
-        const char *run = getenv("XDG_RUNTIME_DIR");
-        char dir[PATH_MAX];
-        if (run && run[0] == '/')
-            snprintf(dir, sizeof dir, "%s/manhole", run);
-        else
-            snprintf(dir, sizeof dir, "/tmp/manhole-%ld", (long)geteuid());
-        int rc = private_dir(mh, dir);
-        if (rc != MANHOLE_OK)
-            return rc;
-        if (snprintf(path, sizeof path, "%s/tcp-%d.secret", dir, mh->tcp_port) >=
-            (int)sizeof path)
-            return set_err(mh, MANHOLE_EINVAL, "%s: path too long", dir);
+        return MANHOLE_OK;
     }
+    char dir[PATH_MAX];
+    if (mh_secret_dir(dir, sizeof dir, geteuid()) < 0)
+        return set_err(mh, MANHOLE_EINVAL, "the secret directory's path is too long");
+    int rc = private_dir(mh, dir);
+    if (rc != MANHOLE_OK)
+        return rc;
+    if (mh_secret_path(path, n, geteuid(), mh->endpoint) < 0)
+        return set_err(mh, MANHOLE_EINVAL, "%s: path too long", dir);
+    return MANHOLE_OK;
+}
+
+/* Create the file anew (O_EXCL|O_NOFOLLOW, 0600) with the secret line,
+ * and note which file it is. A file of ours already there is stale: its
+ * endpoint (or tcp_secret_file) is ours now, we just bound it. */
+static int secret_write(manhole *mh, const char *path)
+{
     struct stat st;
     if (lstat(path, &st) == 0) {
         if (!S_ISREG(st.st_mode) || st.st_uid != geteuid())
             return set_err(mh, MANHOLE_EEXIST,
                            "%s: exists and is %s of uid %ld; refusing to replace it",
                            path, file_kind(st.st_mode), (long)st.st_uid);
-        unlink(path); /* a stale secret of ours */
+        unlink(path);
     }
     int fd = open(path, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
     if (fd < 0)
@@ -1396,30 +1420,73 @@ static int secret_setup(manhole *mh)
     line[mh->secret_len] = '\n';
     ssize_t w = write(fd, line, mh->secret_len + 1);
     int e = errno;
-    if (fchmod(fd, 0600) < 0 || w != (ssize_t)mh->secret_len + 1) {
+    if (fchmod(fd, 0600) < 0 || w != (ssize_t)mh->secret_len + 1 || fstat(fd, &st) < 0) {
         close(fd);
         unlink(path);
         return set_err(mh, MANHOLE_ESYS, "%s: cannot write the secret: %s", path,
                        strerror(w < 0 ? e : EIO));
     }
     close(fd);
+    mh->secret_dev = st.st_dev;
+    mh->secret_ino = st.st_ino;
+    return MANHOLE_OK;
+}
+
+/* Make (or take) the secret and write it where clients of this user find
+ * it (wire.h: the file is named after the address bound, not the port). */
+static int secret_setup(manhole *mh)
+{
+    const manhole_config *c = &mh->cfg;
+    if (mh->lfd_tcp < 0)
+        return MANHOLE_OK;
+    if (c->tcp_insecure) {
+        LOG(mh, MANHOLE_LOG_WARNING,
+            "tcp %s without a secret (tcp_insecure): any local user who "
+            "can connect runs Python as uid %ld",
+            mh->endpoint, (long)geteuid());
+        return MANHOLE_OK;
+    }
+    int rc = secret_make(mh);
+    if (rc != MANHOLE_OK || (c->tcp_secret && !c->tcp_secret_file))
+        return rc; /* (the host hands its secret out itself) */
+    char path[PATH_MAX];
+    if ((rc = secret_file_path(mh, path, sizeof path)) != MANHOLE_OK ||
+        (rc = secret_write(mh, path)) != MANHOLE_OK)
+        return rc;
     mh->secret_path = mh_strdup(path);
     if (!mh->secret_path) {
         unlink(path);
         return set_err(mh, MANHOLE_ENOMEM, "out of memory");
     }
-    LOG(mh, MANHOLE_LOG_INFO, "tcp port %d: clients send the secret in %s first",
-        mh->tcp_port, path);
+    LOG(mh, MANHOLE_LOG_INFO, "tcp %s: clients send the secret in %s first",
+        mh->endpoint, path);
     return MANHOLE_OK;
 }
 
-/* Remove the secret file, if it is still the one we wrote. */
+/* Is the file at the secret's path still the one we wrote: the same
+ * device and inode (an inode number may be reused once a file is gone)
+ * holding our secret line? */
+static int secret_file_ours(const manhole *mh)
+{
+    int fd = open(mh->secret_path, O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC);
+    if (fd < 0)
+        return 0;
+    struct stat st;
+    char line[sizeof mh->secret + 2];
+    ssize_t n = fstat(fd, &st) == 0 && S_ISREG(st.st_mode) ? read(fd, line, sizeof line) : -1;
+    close(fd);
+    return n == (ssize_t)mh->secret_len + 1 && st.st_uid == geteuid() &&
+           st.st_dev == mh->secret_dev && st.st_ino == mh->secret_ino &&
+           mh_equal(line, mh->secret, mh->secret_len) && line[mh->secret_len] == '\n';
+}
+
+/* Remove the secret file, if it is still the one we wrote: another
+ * host's file of that name is never ours to remove. */
 static void secret_remove(manhole *mh)
 {
     if (!mh->secret_path)
         return;
-    struct stat st;
-    if (lstat(mh->secret_path, &st) == 0 && S_ISREG(st.st_mode) && st.st_uid == geteuid())
+    if (secret_file_ours(mh))
         unlink(mh->secret_path);
     free(mh->secret_path);
     mh->secret_path = NULL;
@@ -1614,7 +1681,7 @@ static int pfds_build(manhole *mh)
 {
     if (!mh->pfds_dirty && mh->pfds)
         return 0;
-    int need = 3 + mh->nclients;
+    int need = 3 + mh->nclients + mh->npending;
     if (need > mh->cappfds) {
         int ncap = need * 2;
         struct pollfd *np = realloc(mh->pfds, (size_t)ncap * sizeof *np);
@@ -1788,13 +1855,13 @@ static int end_line(client *c, buf *recs)
     int r;
     if (first && c->transport == T_TCP && looks_like_http(p, n))
         return FR_HTTP;
-    if (c->auth) {
-        int ok = !c->discard && secret_ok(mh, p, n);
+    if (c->auth) { /* (a line in the middle of the challenge-response fails) */
+        int ok = c->auth == AUTH_LINE && !c->discard && secret_ok(mh, p, n);
         buf_free(&c->line);
         c->discard = 0;
         if (!ok)
             return FR_AUTH;
-        c->auth = 0;
+        c->auth = AUTH_NONE;
         return FR_OK;
     }
     if (c->discard) {
@@ -1842,14 +1909,87 @@ static void act_interrupt(client *c, const buf *recs)
     c->act_intr = buf_used(recs) > 0 ? 2 : 1;
 }
 
+/* The address a TCP connection reached, as wire.h writes it. */
+static int local_endpoint(int fd, char *ep, size_t n)
+{
+    struct sockaddr_storage ss;
+    socklen_t sl = sizeof ss;
+    if (getsockname(fd, (struct sockaddr *)&ss, &sl) < 0)
+        return -1;
+    return mh_endpoint(ep, n, (struct sockaddr *)&ss, sl);
+}
+
+/* "A1 CNONCE" (wire.h): answer with our nonce and proof (sent by
+ * client_read()), and note the proof the client must send back. */
+static int auth_challenge(client *c, const char *p, size_t n)
+{
+    manhole *mh = c->mh;
+    const size_t vlen = sizeof MH_AUTH_VERSION - 1;
+    char cnonce[MH_NONCE_HEX + 1], snonce[MH_NONCE_HEX + 1], sproof[MH_PROOF_HEX + 1];
+    char ep[64];
+    if (n != vlen + 1 + MH_NONCE_HEX || memcmp(p, MH_AUTH_VERSION, vlen) != 0 ||
+        p[vlen] != ' ' || !mh_is_hex(p + vlen + 1, MH_NONCE_HEX))
+        return FR_AUTH;
+    memcpy(cnonce, p + vlen + 1, MH_NONCE_HEX);
+    cnonce[MH_NONCE_HEX] = '\0';
+    if (local_endpoint(c->fd, ep, sizeof ep) < 0 || mh_random_hex(snonce, MH_NONCE_HEX / 2) < 0) {
+        LOG(mh, MANHOLE_LOG_ERROR, "client #%u: cannot answer its challenge: %s", c->id,
+            strerror(errno));
+        return FR_AUTH;
+    }
+    mh_auth_proof(sproof, 1, mh->secret, mh->secret_len, cnonce, snonce, ep);
+    mh_auth_proof(c->auth_expect, 0, mh->secret, mh->secret_len, cnonce, snonce, ep);
+    int w = snprintf(c->auth_reply, sizeof c->auth_reply, "%c%c%c%c%s %s %s%c%c", TN_IAC,
+                     TN_SB, TN_OPT_MANHOLE, MH_REC_AUTH, MH_AUTH_VERSION, snonce, sproof,
+                     TN_IAC, TN_SE);
+    if (w < 0 || (size_t)w >= sizeof c->auth_reply)
+        return FR_AUTH;
+    c->auth_reply_len = (unsigned char)w;
+    c->auth = AUTH_PROOF;
+    return FR_OK;
+}
+
+/* "A" CPROOF (wire.h): in if it is the one noted, as after a right
+ * secret line. */
+static int auth_response(client *c, const char *p, size_t n)
+{
+    if (c->auth != AUTH_PROOF || n != MH_PROOF_HEX ||
+        !mh_equal(p, c->auth_expect, MH_PROOF_HEX))
+        return FR_AUTH;
+    memset(c->auth_expect, 0, sizeof c->auth_expect);
+    c->auth = AUTH_NONE;
+    c->got_line = 1;
+    c->http_done = 1;
+    return FR_OK;
+}
+
+/* Our subnegotiation (option 77) before authentication: the challenge-
+ * response of wire.h, its first bytes, or a refusal. */
+static int auth_record(client *c)
+{
+    const char *p = c->sb.p ? c->sb.p : "";
+    size_t n = c->sb.len;
+    if (n == 0 || p[0] != MH_REC_AUTH || c->line.len > 0 || c->discard)
+        return FR_AUTH;
+    if (c->auth == AUTH_LINE)
+        return auth_challenge(c, p + 1, n - 1);
+    return auth_response(c, p + 1, n - 1);
+}
+
 /* A subnegotiation ended (IAC SE). Ours (option 77) carries the extended
- * channel's requests; any other is dropped. */
+ * channel's requests (before authentication, only that); any other is
+ * dropped. */
 static int sb_end(client *c, buf *recs)
 {
     const char *p = c->sb.p ? c->sb.p : "";
     size_t n = c->sb.len;
     int r = FR_OK;
-    if (c->sb_opt == TN_OPT_MANHOLE && n > 0 && !c->auth) {
+    if (c->auth) {
+        r = c->sb_opt == TN_OPT_MANHOLE ? auth_record(c) : FR_OK;
+        buf_free(&c->sb);
+        return r;
+    }
+    if (c->sb_opt == TN_OPT_MANHOLE && n > 0) {
         switch (p[0]) {
         case 'H': /* hello: in order with the lines, so the worker answers */
             r = rec_add(recs, REC_HELLO, p + 1, n - 1) < 0 ? FR_NOMEM : FR_OK;
@@ -1882,11 +2022,16 @@ static int sb_end(client *c, buf *recs)
     return r;
 }
 
+/* The longest line the framer keeps: before authentication, a secret's. */
+static size_t line_cap(const client *c)
+{
+    return c->auth ? MH_SECRET_MAX : c->mh->cfg.max_line;
+}
+
 /* Feed bytes into the framer. Complete lines go to recs. */
 static int frame_bytes(client *c, const unsigned char *p, size_t n, buf *recs)
 {
     manhole *mh = c->mh;
-    size_t max_line = mh->cfg.max_line;
     size_t i = 0;
     while (i < n) {
         unsigned char ch = p[i];
@@ -1934,9 +2079,13 @@ static int frame_bytes(client *c, const unsigned char *p, size_t n, buf *recs)
                 }
             sb_byte: {
                 /* Bounded: ours may carry a script of max_line bytes,
-                 * anything else a few hundred. Past that it is a bad
-                 * line: said so, and dropped up to the next line end. */
-                size_t lim = c->sb_opt == TN_OPT_MANHOLE ? max_line + 64 : SB_MAX_OTHER;
+                 * anything else a few hundred, anything before
+                 * authentication an authentication record. Past that it
+                 * is a bad line: said so, and dropped up to the next line
+                 * end (or a refusal). */
+                size_t lim = c->auth                        ? AUTH_SB_MAX
+                             : c->sb_opt == TN_OPT_MANHOLE ? mh->cfg.max_line + 64
+                                                           : SB_MAX_OTHER;
                 if (c->sb.len >= lim) {
                     buf_free(&c->sb);
                     c->iac = IAC_NONE;
@@ -1972,7 +2121,7 @@ static int frame_bytes(client *c, const unsigned char *p, size_t n, buf *recs)
         literal:
             if (c->discard)
                 continue;
-            if (c->line.len < max_line) {
+            if (c->line.len < line_cap(c)) {
                 if (buf_add(&c->line, &ch, 1) < 0)
                     return FR_NOMEM;
             } else {
@@ -2019,7 +2168,8 @@ static int frame_bytes(client *c, const unsigned char *p, size_t n, buf *recs)
                 c->http_done = 1;
         }
         if (!c->discard) {
-            size_t room = max_line - MH_MIN(max_line, c->line.len);
+            size_t cap = line_cap(c);
+            size_t room = cap - MH_MIN(cap, c->line.len);
             if (run > room) {
                 int r = start_discard(c, recs);
                 if (r < 0)
@@ -5800,7 +5950,10 @@ static void client_close(client *c, const char *why)
     if (c->next)
         c->next->prev = c->prev;
     c->next = c->prev = NULL;
-    mh->nclients--;
+    if (c->pending)
+        mh->npending--;
+    else
+        mh->nclients--;
     buf_free(&c->line);
     buf_free(&c->tx);
     buf_free(&c->sb);
@@ -6040,12 +6193,54 @@ static void client_greet(client *c)
     client_send_host(c);
 }
 
+/* A TCP client that has not shown it knows the secret: told so in one
+ * line (whatever the reason: a guesser learns nothing more) and closed. */
+static void auth_refuse(client *c, const char *why)
+{
+    LOG(c->mh, MANHOLE_LOG_WARNING, "client #%u (%s) refused: %s", c->id, c->peer, why);
+    (void)xsend(c->fd, "manhole: authentication failed\n", 31);
+    client_close(c, "authentication failed");
+}
+
+/* The answer to a challenge (auth_challenge()): the first bytes the client
+ * gets, so nothing else is in the way. */
+static void auth_reply_send(client *c)
+{
+    manhole *mh = c->mh;
+    pthread_mutex_lock(&mh->lock);
+    buf_add(&c->tx, c->auth_reply, c->auth_reply_len);
+    c->tx_backlog = buf_used(&c->tx); /* (no worker sends before it) */
+    pthread_mutex_unlock(&mh->lock);
+    c->auth_reply_len = 0;
+    client_send_host(c);
+}
+
+static void refuse_full(manhole *mh, int fd, const char *peer);
+
+/* A TCP client just authenticated: from now on it counts against
+ * max_clients (refused if that is full), and gets the banner and the
+ * prompt. */
+static void client_admit(client *c)
+{
+    manhole *mh = c->mh;
+    c->pending = 0;
+    mh->npending--;
+    mh->nclients++;
+    if (mh->nclients > mh->cfg.max_clients) {
+        refuse_full(mh, c->fd, c->peer);
+        client_close(c, "too many clients");
+        return;
+    }
+    LOG(mh, MANHOLE_LOG_INFO, "client #%u authenticated", c->id);
+    client_greet(c);
+}
+
 static void client_read(client *c)
 {
     manhole *mh = c->mh;
     unsigned char tmp[16384];
     buf recs = {0};
-    int eof = 0, err = 0, drop = 0, was_auth = c->auth;
+    int eof = 0, err = 0, drop = 0;
     for (int k = 0; k < 16; k++) {
         ssize_t r = recv(c->fd, tmp, sizeof tmp, 0);
         if (r > 0) {
@@ -6097,11 +6292,12 @@ static void client_read(client *c)
         return;
     }
     if (drop == FR_AUTH) {
-        LOG(mh, MANHOLE_LOG_WARNING,
-            "client #%u (%s) refused: wrong or missing secret", c->id, c->peer);
         buf_free(&recs);
-        (void)xsend(c->fd, "manhole: authentication failed\n", 31);
-        client_close(c, "authentication failed");
+        auth_refuse(c, "wrong or missing secret");
+        return;
+    }
+    if (c->auth_reply_len > 0 && (auth_reply_send(c), c->fd < 0)) {
+        buf_free(&recs);
         return;
     }
     if (c->act_tm) {
@@ -6128,14 +6324,9 @@ static void client_read(client *c)
     c->act_intr = 0;
     if (intr == 1) /* before any line of this read: at the prompt */
         client_interrupt(c, 0);
-    if (was_auth && !c->auth) {
-        /* The secret was right: now the banner and the prompt. */
-        LOG(mh, MANHOLE_LOG_INFO, "client #%u authenticated", c->id);
-        client_greet(c);
-        if (c->fd < 0) {
-            buf_free(&recs);
-            return;
-        }
+    if (c->pending && !c->auth && (client_admit(c), c->fd < 0)) {
+        buf_free(&recs);
+        return;
     }
     if (buf_used(&recs) > 0) {
         pthread_mutex_lock(&mh->lock);
@@ -6216,6 +6407,48 @@ static int refuse_no_fds(manhole *mh, int lfd, int e)
     return fd >= 0 && mh->reserve_fd >= 0 ? 0 : -1;
 }
 
+/* Full: one line to say so (the descriptor stays open). */
+static void refuse_full(manhole *mh, int fd, const char *peer)
+{
+    LOG(mh, MANHOLE_LOG_WARNING, "refused client (%s): too many clients (limit %d)", peer,
+        mh->cfg.max_clients);
+    char msg[96];
+    snprintf(msg, sizeof msg, "manhole: too many clients (limit %d); try again later\n",
+             mh->cfg.max_clients);
+    (void)xsend(fd, msg, strlen(msg));
+}
+
+/* May this connection in? 0, or -1: refused, told why, closed. A UNIX
+ * client must be our uid or root; one that must authenticate first
+ * (pending) takes one of AUTH_PENDING_MAX places, any other one of
+ * max_clients. */
+static int accept_check(manhole *mh, int fd, int transport, long uid, int pending,
+                        const char *peer)
+{
+    const char *msg = NULL;
+    if (transport == T_UNIX && uid != 0 && uid != (long)geteuid()) {
+        LOG(mh, MANHOLE_LOG_WARNING, "refused client (%s): access denied", peer);
+        msg = "manhole: access denied\n";
+    } else if (pending && mh->npending >= AUTH_PENDING_MAX) {
+        LOG(mh, MANHOLE_LOG_WARNING,
+            "refused client (%s): %d connections already waiting to authenticate", peer,
+            AUTH_PENDING_MAX);
+        msg = "manhole: too many connections waiting to authenticate; try again later\n";
+    } else if (!pending && mh->nclients >= mh->cfg.max_clients) {
+        refuse_full(mh, fd, peer);
+        msg = "";
+    } else if (mh->fdset_mode && fd >= FD_SETSIZE) {
+        LOG(mh, MANHOLE_LOG_WARNING,
+            "refused client (%s): descriptor %d does not fit in the host's fd_set "
+            "(FD_SETSIZE %d)", peer, fd, FD_SETSIZE);
+        msg = "manhole: the host has too many open files; refused\n";
+    }
+    if (!msg)
+        return 0;
+    send_and_close(fd, msg);
+    return -1;
+}
+
 static void on_accept(manhole *mh, int lfd, int transport)
 {
     for (int k = 0; k < 64; k++) {
@@ -6247,32 +6480,9 @@ static void on_accept(manhole *mh, int lfd, int transport)
             continue;
         }
         describe_peer(&tmp, fd, pid, uid);
-        if (transport == T_UNIX && uid != 0 && uid != (long)geteuid()) {
-            LOG(mh, MANHOLE_LOG_WARNING, "refused client (%s): access denied",
-                tmp.peer);
-            send_and_close(fd, "manhole: access denied\n");
+        int pending = transport == T_TCP && mh->secret_len > 0;
+        if (accept_check(mh, fd, transport, uid, pending, tmp.peer) < 0)
             continue;
-        }
-        if (mh->nclients >= mh->cfg.max_clients) {
-            LOG(mh, MANHOLE_LOG_WARNING,
-                "refused client (%s): too many clients (limit %d)", tmp.peer,
-                mh->cfg.max_clients);
-            char msg[96];
-            snprintf(msg, sizeof msg,
-                     "manhole: too many clients (limit %d); try again later\n",
-                     mh->cfg.max_clients);
-            send_and_close(fd, msg);
-            continue;
-        }
-        if (mh->fdset_mode && fd >= FD_SETSIZE) {
-            LOG(mh, MANHOLE_LOG_WARNING,
-                "refused client (%s): descriptor %d does not fit in the "
-                "host's fd_set (FD_SETSIZE %d)",
-                tmp.peer, fd, FD_SETSIZE);
-            send_and_close(fd, "manhole: the host has too many open files; "
-                               "refused\n");
-            continue;
-        }
         client *c = calloc(1, sizeof *c);
         if (c)
             cond_init(&c->cv);
@@ -6301,19 +6511,24 @@ static void on_accept(manhole *mh, int lfd, int transport)
             client_free(c);
             continue;
         }
+        if (pending) { /* nothing for it until it shows it knows the secret */
+            c->auth = AUTH_LINE;
+            c->pending = 1;
+            c->auth_deadline = c->last_active + AUTH_TIMEOUT;
+        }
         pthread_mutex_lock(&mh->lock);
         c->next = mh->clients;
         if (mh->clients)
             mh->clients->prev = c;
         mh->clients = c;
-        mh->nclients++;
+        if (pending)
+            mh->npending++;
+        else
+            mh->nclients++;
         pthread_mutex_unlock(&mh->lock);
         LOG(mh, MANHOLE_LOG_INFO, "accepted client #%u (%s)", c->id, c->peer);
-        if (transport == T_TCP && mh->secret_len > 0) {
-            c->auth = 1; /* nothing for it until it sends the secret */
-            continue;
-        }
-        client_greet(c);
+        if (!pending)
+            client_greet(c);
     }
 }
 
@@ -6443,6 +6658,25 @@ static int idle_check(manhole *mh)
     return closed;
 }
 
+/* TCP clients still not authenticated at their deadline are closed.
+ * Returns 1 if one was. */
+static int auth_check(manhole *mh)
+{
+    int closed = 0;
+    if (mh->npending == 0)
+        return 0;
+    double now = now_mono();
+    client *next;
+    for (client *c = mh->clients; c; c = next) {
+        next = c->next;
+        if (c->pending && c->auth && now >= c->auth_deadline) {
+            auth_refuse(c, "not authenticated in time");
+            closed = 1;
+        }
+    }
+    return closed;
+}
+
 static void client_event(client *c, unsigned ev)
 {
     if (ev & EV_ERR) {
@@ -6493,7 +6727,7 @@ static int turn_finish(manhole *mh)
         }
         workers_reap(mh);
     }
-    if (idle_check(mh))
+    if (idle_check(mh) | auth_check(mh))
         work = 1;
     if (mh->listen_paused && now_mono() >= mh->listen_resume_at)
         listen_pause(mh, 0); /* try again: a descriptor may be free by now */
@@ -7191,6 +7425,21 @@ static int finish_and_maybe_close(manhole *mh)
     return rc;
 }
 
+/* The earliest time a client must be looked at: its idle timeout, or
+ * its authentication deadline. */
+static double next_client_deadline(const manhole *mh)
+{
+    double soonest = -1;
+    for (client *c = mh->clients; c; c = c->next) {
+        double at = mh->cfg.idle_timeout > 0 ? c->last_active + mh->cfg.idle_timeout : -1;
+        if (c->pending && c->auth && (at < 0 || c->auth_deadline < at))
+            at = c->auth_deadline;
+        if (at >= 0 && (soonest < 0 || at < soonest))
+            soonest = at;
+    }
+    return soonest;
+}
+
 static int internal_timeout(manhole *mh)
 {
     int t = -1;
@@ -7207,13 +7456,8 @@ static int internal_timeout(manhole *mh)
         double left = mh->listen_resume_at - now_mono();
         t = left <= 0 ? 0 : (int)(left * 1000.0) + 1;
     }
-    if (mh->cfg.idle_timeout > 0 && mh->clients) {
-        double now = now_mono(), soonest = -1;
-        for (client *c = mh->clients; c; c = c->next) {
-            double left = c->last_active + mh->cfg.idle_timeout - now;
-            if (soonest < 0 || left < soonest)
-                soonest = left;
-        }
+    if ((mh->cfg.idle_timeout > 0 && mh->clients) || mh->npending > 0) {
+        double soonest = next_client_deadline(mh) - now_mono();
         int it = soonest <= 0 ? 0 : (int)(soonest * 1000.0) + 1;
         if (t < 0 || it < t)
             t = it;

@@ -41,11 +41,18 @@ WRAP = os.environ.get("MANHOLE_TEST_WRAP", "").split()
 PS1 = b">>> "
 
 
-def default_secret_path(port):
-    """Where the library writes a TCP port's secret by default."""
-    run = os.environ.get("XDG_RUNTIME_DIR")
-    base = Path(run) / "manhole" if run else Path("/tmp/manhole-%d" % os.geteuid())
-    return base / ("tcp-%d.secret" % port)
+def endpoint(host, port):
+    """An address as wire.h writes it: 127.0.0.1:7000, [::1]:7000."""
+    return "[%s]:%d" % (host, port) if ":" in host else "%s:%d" % (host, port)
+
+
+def default_secret_path(port, host="127.0.0.1", env=None):
+    """Where the library writes the secret of a TCP listener by default
+    (wire.h): DIR/tcp-ADDR:PORT.secret, DIR $XDG_RUNTIME_DIR/manhole if
+    that is absolute, else /tmp/manhole-UID."""
+    run = (os.environ if env is None else env).get("XDG_RUNTIME_DIR")
+    base = Path(run) / "manhole" if run and run.startswith("/") else Path("/tmp/manhole-%d" % os.geteuid())
+    return base / ("tcp-%s.secret" % endpoint(host, port))
 PS2 = b"... "
 
 
@@ -197,7 +204,7 @@ class Client:
         library wrote for that port, if there is one: README, Security)."""
         s = socket.create_connection((host, port), timeout=TIMEOUT)
         if secret == "auto":
-            path = default_secret_path(port)
+            path = default_secret_path(port, host)
             secret = path.read_text().strip() if path.exists() else None
         if secret:
             s.sendall(secret.encode() + b"\n")

@@ -13,7 +13,7 @@ import time
 import pytest
 
 from conftest import (DEMO, HOST, PORTABLE, PS1, PS2, SANITIZER, TIMEOUT, WRAP, Client, Proc,
-                      wait_true)
+                      default_secret_path, wait_true)
 
 
 def nobody_client(path, send=b""):
@@ -137,7 +137,9 @@ def test_non_loopback_tcp_needs_opt_in(sockdir):
 def test_non_loopback_tcp_with_opt_in_logs_warning(start):
     p = start(DEMO, "--port", "0", "--host", "0.0.0.0", "--allow-nonlocal")
     p.wait_for(r"warning: listening on non-loopback address 0\.0\.0\.0", stream="err")
-    assert Client.tcp(p.tcp_port).cmd("1") == "1\n"
+    # (the secret file names the address bound: wire.h)
+    secret = default_secret_path(p.tcp_port, "0.0.0.0").read_text().strip()
+    assert Client.tcp(p.tcp_port, secret=secret).cmd("1") == "1\n"
 
 
 @pytest.mark.parametrize("request_text", [

@@ -891,7 +891,7 @@ def test_default_secret_file_under_xdg_runtime_dir(start, sockdir):
     run = sockdir / "run"
     run.mkdir(mode=0o700)
     p = start(DEMO, "--port", "0", path=False, env={"XDG_RUNTIME_DIR": str(run)})
-    f = run / "manhole" / ("tcp-%d.secret" % p.tcp_port)
+    f = run / "manhole" / ("tcp-127.0.0.1:%d.secret" % p.tcp_port)
     assert stat.S_IMODE(os.stat(f.parent).st_mode) == 0o700
     assert stat.S_IMODE(os.stat(f).st_mode) == 0o600
     s = socket.create_connection(("127.0.0.1", p.tcp_port), timeout=TIMEOUT)
@@ -905,7 +905,7 @@ def test_default_secret_file_without_xdg_runtime_dir(start, monkeypatch):
     monkeypatch.delenv("XDG_RUNTIME_DIR", raising=False)
     p = start(DEMO, "--port", "0", path=False)
     d = "/tmp/manhole-%d" % os.geteuid()
-    f = os.path.join(d, "tcp-%d.secret" % p.tcp_port)
+    f = os.path.join(d, "tcp-127.0.0.1:%d.secret" % p.tcp_port)
     assert stat.S_IMODE(os.stat(d).st_mode) == 0o700
     assert stat.S_IMODE(os.stat(f).st_mode) == 0o600
     from pathlib import Path

@@ -186,7 +186,8 @@ int main(int argc, char **argv)
         OPT_PATH = 1, OPT_PORT, OPT_NOTHREADED, OPT_TIMEOUT, OPT_SHARED, OPT_LOOP,
         OPT_PYTHON, OPT_FILES, OPT_FILES_AFTER, OPT_FORK, OPT_MAXCLIENTS, OPT_MAXOUTPUT,
         OPT_MAXLINE, OPT_MODE, OPT_AUDIT, OPT_KEEP, OPT_HOST, OPT_NONLOCAL, OPT_BANNER,
-        OPT_IDLE, OPT_WORKERS, OPT_NOTICK, OPT_PRIO, OPT_MAXINPUT, OPT_CLOSE
+        OPT_IDLE, OPT_WORKERS, OPT_NOTICK, OPT_PRIO, OPT_MAXINPUT, OPT_CLOSE, OPT_SECRET,
+        OPT_SECRETFILE
     };
     static const struct option opts[] = {
         {"path", required_argument, NULL, OPT_PATH},
@@ -214,6 +215,8 @@ int main(int argc, char **argv)
         {"close-after-exit", no_argument, NULL, OPT_KEEP},
         {"no-tick", no_argument, NULL, OPT_NOTICK},
         {"worker-priority", required_argument, NULL, OPT_PRIO},
+        {"tcp-secret", required_argument, NULL, OPT_SECRET},
+        {"secret-file", required_argument, NULL, OPT_SECRETFILE},
         {NULL, 0, NULL, 0}};
     int o;
     while ((o = getopt_long(argc, argv, "", opts, NULL)) != -1) {
@@ -242,6 +245,8 @@ int main(int argc, char **argv)
         case OPT_AUDIT: cfg.audit = 1; break;
         case OPT_KEEP: keep_going = 1; break;
         case OPT_NOTICK: tick = 0; break;
+        case OPT_SECRET: cfg.tcp_secret = optarg; break;
+        case OPT_SECRETFILE: cfg.tcp_secret_file = optarg; break;
         case OPT_PRIO:
             cfg.worker_priority = !strcmp(optarg, "idle")     ? MANHOLE_WORKERS_IDLE
                                   : !strcmp(optarg, "normal") ? MANHOLE_WORKERS_NORMAL
