@@ -1583,9 +1583,11 @@ static ssize_t xsend(int fd, const void *p, size_t n)
 /* Best effort: a one-line message to a client we are about to drop. What
  * it already sent is read and dropped first (a little of it), so it reads
  * the message rather than a connection reset. */
-static void send_and_close(int fd, const char *msg)
+/* Shut our sending side and read what the peer sent that nobody will
+ * (a bounded amount): a close() with unread input sends a reset, which
+ * may destroy the last line we sent before the peer reads it. */
+static void shut_and_drain(int fd)
 {
-    (void)xsend(fd, msg, strlen(msg));
     shutdown(fd, SHUT_WR);
     char sink[4096];
     for (int k = 0; k < 16; k++) {
@@ -1593,6 +1595,12 @@ static void send_and_close(int fd, const char *msg)
         if (r <= 0 && !(r < 0 && errno == EINTR))
             break;
     }
+}
+
+static void send_and_close(int fd, const char *msg)
+{
+    (void)xsend(fd, msg, strlen(msg));
+    shut_and_drain(fd);
     close(fd);
 }
 
@@ -6199,6 +6207,7 @@ static void auth_refuse(client *c, const char *why)
 {
     LOG(c->mh, MANHOLE_LOG_WARNING, "client #%u (%s) refused: %s", c->id, c->peer, why);
     (void)xsend(c->fd, "manhole: authentication failed\n", 31);
+    shut_and_drain(c->fd);
     client_close(c, "authentication failed");
 }
 
@@ -6228,6 +6237,7 @@ static void client_admit(client *c)
     mh->nclients++;
     if (mh->nclients > mh->cfg.max_clients) {
         refuse_full(mh, c->fd, c->peer);
+        shut_and_drain(c->fd);
         client_close(c, "too many clients");
         return;
     }
