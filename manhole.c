@@ -6212,8 +6212,8 @@ static void auth_refuse(client *c, const char *why)
 }
 
 /* The answer to a challenge (auth_challenge()): the first bytes the client
- * gets, so nothing else is in the way. */
-static void auth_reply_send(client *c)
+ * gets, so nothing else is in the way. -1 if the client is gone. */
+static int auth_reply_send(client *c)
 {
     manhole *mh = c->mh;
     pthread_mutex_lock(&mh->lock);
@@ -6222,14 +6222,15 @@ static void auth_reply_send(client *c)
     pthread_mutex_unlock(&mh->lock);
     c->auth_reply_len = 0;
     client_send_host(c);
+    return c->fd < 0 ? -1 : 0;
 }
 
 static void refuse_full(manhole *mh, int fd, const char *peer);
 
 /* A TCP client just authenticated: from now on it counts against
  * max_clients (refused if that is full), and gets the banner and the
- * prompt. */
-static void client_admit(client *c)
+ * prompt. -1 if it is closed. */
+static int client_admit(client *c)
 {
     manhole *mh = c->mh;
     c->pending = 0;
@@ -6239,10 +6240,11 @@ static void client_admit(client *c)
         refuse_full(mh, c->fd, c->peer);
         shut_and_drain(c->fd);
         client_close(c, "too many clients");
-        return;
+        return -1;
     }
     LOG(mh, MANHOLE_LOG_INFO, "client #%u authenticated", c->id);
     client_greet(c);
+    return c->fd < 0 ? -1 : 0;
 }
 
 static void client_read(client *c)
@@ -6306,7 +6308,7 @@ static void client_read(client *c)
         auth_refuse(c, "wrong or missing secret");
         return;
     }
-    if (c->auth_reply_len > 0 && (auth_reply_send(c), c->fd < 0)) {
+    if (c->auth_reply_len > 0 && auth_reply_send(c) < 0) {
         buf_free(&recs);
         return;
     }
@@ -6334,7 +6336,7 @@ static void client_read(client *c)
     c->act_intr = 0;
     if (intr == 1) /* before any line of this read: at the prompt */
         client_interrupt(c, 0);
-    if (c->pending && !c->auth && (client_admit(c), c->fd < 0)) {
+    if (c->pending && !c->auth && client_admit(c) < 0) {
         buf_free(&recs);
         return;
     }
