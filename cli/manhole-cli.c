@@ -1835,10 +1835,10 @@ static void auth_refused(const char *name, const unsigned char *r, size_t n, int
     char said[200] = "";
     if (n && r[0] != IAC)
         quote_line(said, sizeof said, (const char *)r, strcspn((const char *)r, "\r\n"));
-    if (!strncmp(said, "manhole: ", 9) &&
+    if (!memcmp(said, "manhole: ", 9) &&
         (strstr(said, "access denied") || strstr(said, "too many")))
         die(EXIT_REJECTED, "%s: the manhole refused this client: %s", name, said + 9);
-    if (!end)
+    if (!end && !n)
         die(EXIT_AUTH,
             "%s: no answer to the authentication within %g s (not a manhole, or one older than "
             "this client); nothing was sent",
