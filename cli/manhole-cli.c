@@ -1604,7 +1604,9 @@ static size_t read_secret(const char *file, char *secret, uid_t *owner)
     close(fd);
     if (r < 0)
         die(EXIT_PERM, "cannot read the secret file %s: %s", file, strerror(e));
-    size_t n = strcspn(tmp, "\r\n") < (size_t)r ? strcspn(tmp, "\r\n") : (size_t)r;
+    size_t n = 0;
+    while (n < (size_t)r && tmp[n] != '\n' && tmp[n] != '\r')
+        n++;
     if (n > MH_SECRET_MAX || memchr(tmp, '\0', n))
         die(EXIT_AUTH, "the secret file %s does not hold a secret line (at most %d bytes)", file,
             MH_SECRET_MAX);
