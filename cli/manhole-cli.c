@@ -32,7 +32,9 @@
 #include <langinfo.h>
 #include <limits.h>
 #include <locale.h>
+#include <arpa/inet.h>
 #include <netdb.h>
+#include <netinet/in.h>
 #include <poll.h>
 #include <signal.h>
 #include <stdarg.h>
@@ -53,6 +55,7 @@
 #include <histedit.h>
 
 #include "../manhole.h" /* MANHOLE_VERSION_STRING only: the client links no library */
+#include "wire.h"     /* the secret files and the challenge-response, shared with the library */
 
 /* ---- Exit statuses (manhole-cli(1), EXIT STATUS) ----------------------- */
 
@@ -94,13 +97,13 @@ struct buf {
     size_t len, cap;
 };
 
+static void die(int code, const char *fmt, ...);
+
 static void *xrealloc(void *p, size_t n)
 {
     void *q = realloc(p, n ? n : 1);
-    if (!q) {
-        fputs("manhole-cli: out of memory\n", stderr);
-        exit(EXIT_CLOSED);
-    }
+    if (!q)
+        die(EXIT_CLOSED, "out of memory");
     return q;
 }
 
@@ -269,6 +272,69 @@ static int u8_decode(const unsigned char *s, size_t n, uint32_t *cp)
     return len;
 }
 
+/* The bytes of a character not complete yet at the end of a chunk. */
+struct u8carry {
+    unsigned char b[4];
+    size_t n;
+};
+
+/* d[0..n) added to out as valid UTF-8: an invalid byte becomes U+FFFD; a
+ * character cut at the end waits in *st for the next chunk (with st NULL,
+ * it is invalid too). */
+static void u8_clean(struct u8carry *st, const char *d, size_t n, struct buf *out)
+{
+    struct buf in = {0};
+    if (st && st->n)
+        buf_add(&in, st->b, st->n);
+    buf_add(&in, d, n);
+    if (st)
+        st->n = 0;
+    for (size_t i = 0; i < in.len;) {
+        uint32_t cp;
+        int k = u8_decode((const unsigned char *)in.p + i, in.len - i, &cp);
+        if (k == 0 && st) {
+            st->n = in.len - i;
+            memcpy(st->b, in.p + i, st->n);
+            break;
+        }
+        if (k <= 0) {
+            buf_add(out, "\xef\xbf\xbd", 3);
+            i++;
+            continue;
+        }
+        buf_add(out, in.p + i, (size_t)k);
+        i += (size_t)k;
+    }
+    buf_free(&in);
+}
+
+/* Where to cut valid UTF-8 to keep at most about `keep` bytes of its end:
+ * at the start of a character. */
+static size_t u8_cut(const char *s, size_t n, size_t keep)
+{
+    if (n <= keep)
+        return 0;
+    size_t i = n - keep;
+    while (i < n && ((unsigned char)s[i] & 0xc0) == 0x80)
+        i++;
+    return i;
+}
+
+/* A line a server sent, fit for a message: valid UTF-8 without control
+ * characters (shown as '?'), cut on a character boundary to fit. */
+static void quote_line(char *dst, size_t size, const char *src, size_t n)
+{
+    struct buf b = {0};
+    u8_clean(NULL, src, n > 4 * size ? 4 * size : n, &b);
+    size_t k = 0;
+    for (size_t i = 0; i < b.len && k + 4 < size; i++, k++)
+        dst[k] = (unsigned char)b.p[i] < 0x20 || b.p[i] == 0x7f ? '?' : b.p[i];
+    while (k > 0 && k < b.len && ((unsigned char)b.p[k] & 0xc0) == 0x80)
+        k--; /* not inside a character */
+    dst[k] = '\0';
+    buf_free(&b);
+}
+
 /* Code points in a UTF-8 string (invalid bytes count one each). */
 static int u8_chars(const char *s, size_t n)
 {
@@ -309,24 +375,28 @@ static struct {
     const char *command;     /* -c CODE */
     const char *path;        /* --path */
     const char *secret_file; /* --secret-file */
+    const char *secret_path; /* --secret-path */
     double timeout;          /* --timeout */
     int list;                /* --list */
     int no_history;          /* --no-history */
     const char *target;
-} opt = {NULL, NULL, NULL, 5.0, 0, 0, NULL};
+} opt = {NULL, NULL, NULL, NULL, 5.0, 0, 0, NULL};
 
 static const char usage_text[] =
     "usage: manhole-cli [options] TARGET\n"
     "       manhole-cli [options] -c CODE TARGET\n"
     "       manhole-cli [options] TARGET < script.py\n"
     "       manhole-cli --list\n"
+    "       manhole-cli --secret-path HOST:PORT\n"
     "A client for manhole, the Python REPL inside a running program.\n"
     "\n"
     "TARGET is one of:\n"
     "  PATH                the manhole's UNIX socket (a name with a '/', or any\n"
     "                      name that is neither a PID nor HOST:PORT)\n"
     "  HOST:PORT           a TCP manhole (HOST may be empty for 127.0.0.1,\n"
-    "                      [ADDR]:PORT for IPv6); the secret is sent first\n"
+    "                      [ADDR]:PORT for IPv6): only addresses with a secret\n"
+    "                      file, whose listener is the secret's owner and which\n"
+    "                      prove they know the secret; the secret is never sent\n"
     "  PID                 a process: its manhole socket is found in /proc (Linux)\n"
     "\n"
     "On a terminal it is a REPL with line editing, history, Tab completion from\n"
@@ -337,8 +407,12 @@ static const char usage_text[] =
     "Options:\n"
     "  -c, --command CODE      run CODE (like python -c) and exit\n"
     "      --path PATH         the socket to use (for a PID with several manholes)\n"
-    "      --secret-file FILE  the TCP secret (default $XDG_RUNTIME_DIR/manhole/\n"
-    "                          tcp-PORT.secret, or /tmp/manhole-UID/tcp-PORT.secret)\n"
+    "      --secret-file FILE  the TCP secret (default, per address: DIR/tcp-ADDR:PORT\n"
+    "                          .secret, else DIR/tcp-0.0.0.0:PORT.secret or\n"
+    "                          DIR/tcp-[::]:PORT.secret; DIR: $XDG_RUNTIME_DIR/manhole,\n"
+    "                          or /tmp/manhole-UID)\n"
+    "      --secret-path HOST:PORT  print the secret file for each address of\n"
+    "                          HOST:PORT (or PORT, on 127.0.0.1), and exit\n"
     "      --list              list the manholes this user can reach: pid, command, path\n"
     "      --timeout SECONDS   wait this long to connect and for the manhole's\n"
     "                          answer (default 5)\n"
@@ -349,11 +423,13 @@ static const char usage_text[] =
     "History: $XDG_STATE_HOME/manhole/history (default ~/.local/state/manhole/history).\n"
     "\n"
     "Exit status: 0 done; 1 the script raised an exception; N the script called\n"
-    "sys.exit(N); 2 usage; 80 no such socket, process or secret file, or no\n"
-    "manhole there; 81 connection refused; 82 permission denied; 83 the manhole\n"
-    "refused this client (access denied, too many clients); 84 wrong or missing\n"
-    "TCP secret; 85 the server closed the connection; 86 no manhole answered\n"
-    "(not a socket, not a manhole, or no answer in time); 130 interrupted.\n";
+    "sys.exit(N); 2 usage (also: a script too long for one piece, over 1 MiB);\n"
+    "80 no such socket, process or secret file, or no manhole there; 81\n"
+    "connection refused; 82 permission denied; 83 the manhole refused this client\n"
+    "(access denied, too many clients); 84 wrong or missing TCP secret, or the\n"
+    "TCP server or its listener is not the secret's owner; 85 the server closed\n"
+    "the connection or broke the protocol; 86 no manhole answered (not a socket,\n"
+    "not a manhole, or no answer in time); 130 interrupted.\n";
 
 static void usage_exit(int code)
 {
@@ -434,6 +510,37 @@ static void catch_signal(int s)
     sigaction(s, &sa, NULL);
 }
 
+/* A fatal signal (a crash, an abort): the terminal as it was found, then
+ * the signal's previous action (the default, or a sanitizer's report). */
+static const int fatal_sigs[] = {SIGSEGV, SIGBUS, SIGFPE, SIGILL, SIGABRT, SIGTRAP, SIGSYS};
+static struct sigaction fatal_prev[sizeof fatal_sigs / sizeof fatal_sigs[0]];
+
+static void on_fatal(int s)
+{
+    static const char off[] = "\033[?2004l";
+    if (bracketed_on) {
+        ssize_t r = write(1, off, sizeof off - 1);
+        (void)r;
+    }
+    if (tty_orig_ok)
+        tcsetattr(tty_in, TCSANOW, &tty_orig);
+    for (size_t i = 0; i < sizeof fatal_sigs / sizeof fatal_sigs[0]; i++)
+        if (fatal_sigs[i] == s)
+            sigaction(s, &fatal_prev[i], NULL);
+    raise(s); /* delivered when this handler returns */
+}
+
+static void catch_fatal_signals(void)
+{
+    for (size_t i = 0; i < sizeof fatal_sigs / sizeof fatal_sigs[0]; i++) {
+        struct sigaction sa;
+        memset(&sa, 0, sizeof sa);
+        sa.sa_handler = on_fatal;
+        sigemptyset(&sa.sa_mask);
+        sigaction(fatal_sigs[i], &sa, &fatal_prev[i]);
+    }
+}
+
 static void setup_signals(int interactive)
 {
     if (pipe(sig_pipe) == 0) {
@@ -447,6 +554,7 @@ static void setup_signals(int interactive)
     catch_signal(SIGHUP);
     if (interactive) {
         catch_signal(SIGQUIT);
+        catch_fatal_signals();
         catch_signal(SIGWINCH);
         catch_signal(SIGTSTP);
         signal(SIGPIPE, SIG_IGN);
@@ -457,10 +565,19 @@ static void setup_signals(int interactive)
 
 enum { EV_OUT, EV_H, EV_P, EV_S, EV_W, EV_C, EV_X, EV_ERR };
 
+/* Bounds on what a server can make the client hold (README, Clients). An
+ * E record is passed on as it comes, like output; any other record is
+ * kept whole until its end, at most REC_MAX bytes. */
+#define REC_MAX (16u << 20)   /* a record (P, C, ...), its type letter included */
+#define PRE_MAX (4u << 20)    /* banner and first prompt, before the hello reply */
+#define QUEUE_MAX (16u << 20) /* records and output held while waiting for a reply */
+#define EV_COST 64            /* what an event costs besides its bytes */
+
 struct ev {
     int type;
     char *data; /* NUL-terminated copy */
     size_t len;
+    long a, b;  /* parsed numbers: C <a> <b>, X <a>, S <a>, P <a> */
 };
 
 struct conn {
@@ -471,8 +588,10 @@ struct conn {
     struct buf raw;   /* output bytes being gathered */
     struct ev *q;
     size_t qhead, qlen, qcap;
+    size_t qbytes;    /* what the queue holds (bytes and EV_COST per event) */
     struct buf out;   /* bytes waiting to be sent */
-    int eof;          /* the server closed (or reset) */
+    int eof;          /* the server closed (or reset), or broke the protocol */
+    char broke[160];  /* how the server broke the protocol ("" if it did not) */
     int shut_req;     /* half-close once out is sent */
     int shut_done;
 };
@@ -499,15 +618,37 @@ static void conn_free(struct conn *c)
     buf_free(&c->out);
 }
 
-static void q_push(struct conn *c, int type, const char *d, size_t n)
+/* The server broke the protocol: nothing more is read from it. */
+static void conn_broke(struct conn *c, const char *fmt, ...)
 {
-    if (type == EV_OUT && c->qlen > c->qhead && c->q[c->qlen - 1].type == EV_OUT) {
+    if (c->broke[0])
+        return;
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(c->broke, sizeof c->broke, fmt, ap);
+    va_end(ap);
+    c->eof = 1;
+}
+
+/* The connection ended: closed, or the server broke the protocol. */
+static void die_closed(const struct conn *c)
+{
+    if (c->broke[0])
+        die(EXIT_CLOSED, "%s: the server broke the protocol: %s", c->name, c->broke);
+    die(EXIT_CLOSED, "%s: the server closed the connection", c->name);
+}
+
+static struct ev *q_push(struct conn *c, int type, const char *d, size_t n)
+{
+    c->qbytes += n;
+    if ((type == EV_OUT || type == EV_ERR) && c->qlen > c->qhead &&
+        c->q[c->qlen - 1].type == type) {
         struct ev *e = &c->q[c->qlen - 1];
         e->data = xrealloc(e->data, e->len + n + 1);
         memcpy(e->data + e->len, d, n);
         e->len += n;
         e->data[e->len] = '\0';
-        return;
+        return e;
     }
     if (c->qlen == c->qcap) {
         if (c->qhead > 0) {
@@ -521,9 +662,18 @@ static void q_push(struct conn *c, int type, const char *d, size_t n)
         }
     }
     struct ev *e = &c->q[c->qlen++];
+    memset(e, 0, sizeof *e);
     e->type = type;
     e->data = xstrndup(d, n);
     e->len = n;
+    c->qbytes += EV_COST;
+    return e;
+}
+
+static void q_took(struct conn *c, const struct ev *e)
+{
+    size_t k = e->len + EV_COST;
+    c->qbytes = c->qbytes > k ? c->qbytes - k : 0;
 }
 
 static int q_pop(struct conn *c, struct ev *out)
@@ -531,6 +681,7 @@ static int q_pop(struct conn *c, struct ev *out)
     if (c->qhead == c->qlen)
         return 0;
     *out = c->q[c->qhead++];
+    q_took(c, out);
     if (c->qhead == c->qlen)
         c->qhead = c->qlen = 0;
     return 1;
@@ -549,25 +700,113 @@ static void flush_raw(struct conn *c)
     }
 }
 
+/* A decimal number in [lo, hi] making up all of s[0..n): 0, or -1. */
+static int parse_num(const char *s, size_t n, long lo, long hi, long *v)
+{
+    char tmp[24];
+    if (n == 0 || n >= sizeof tmp || !(isdigit((unsigned char)s[0]) || s[0] == '-'))
+        return -1;
+    memcpy(tmp, s, n);
+    tmp[n] = '\0';
+    char *end;
+    errno = 0;
+    long x = strtol(tmp, &end, 10);
+    if (errno || *end || x < lo || x > hi)
+        return -1;
+    *v = x;
+    return 0;
+}
+
+/* C "<id> <n>[\n<candidate>...]": the two numbers. */
+static int parse_completion_head(const char *d, size_t n, long *id, long *nrep)
+{
+    const char *nl = memchr(d, '\n', n);
+    size_t head = nl ? (size_t)(nl - d) : n;
+    const char *sp = memchr(d, ' ', head);
+    if (!sp)
+        return -1;
+    size_t k = (size_t)(sp - d);
+    return parse_num(d, k, 0, INT_MAX, id) < 0 ||
+                   parse_num(sp + 1, head - k - 1, 0, INT_MAX, nrep) < 0
+               ? -1
+               : 0;
+}
+
+/* The record's payload checked against the protocol (README, The extended
+ * channel); its numbers into a and b. 0, or -1 when it is malformed. */
+static int check_record(int type, const char *d, size_t n, long *a, long *b)
+{
+    switch (type) {
+    case EV_H: return n == 1 && d[0] == '1' ? 0 : -1;
+    case EV_S: return parse_num(d, n, 0, 1, a);
+    case EV_P: return n >= 1 && (d[0] == '1' || d[0] == '2') ? (*a = d[0] - '0', 0) : -1;
+    case EV_W: return n == 0 ? 0 : -1;
+    case EV_X: return parse_num(d, n, INT_MIN, INT_MAX, a);
+    case EV_C: return parse_completion_head(d, n, a, b);
+    default: return 0;
+    }
+}
+
+static int record_type(int letter)
+{
+    switch (letter) {
+    case 'H': return EV_H;
+    case 'P': return EV_P;
+    case 'S': return EV_S;
+    case 'W': return EV_W;
+    case 'C': return EV_C;
+    case 'X': return EV_X;
+    case 'E': return EV_ERR; /* what the session wrote to stderr */
+    default: return -1;      /* a record of a later version: ignored */
+    }
+}
+
+/* An E record's text so far goes out as it comes, after the output
+ * before it. */
+static void stream_record(struct conn *c)
+{
+    if (c->rec.len > 1 && c->rec.p[0] == 'E') {
+        flush_raw(c);
+        q_push(c, EV_ERR, c->rec.p + 1, c->rec.len - 1);
+        c->rec.len = 1;
+    }
+}
+
 static void emit_record(struct conn *c)
 {
     if (!c->rec.len)
         return;
+    int type = record_type((unsigned char)c->rec.p[0]);
+    if (type == EV_ERR) {
+        stream_record(c);
+        return;
+    }
+    if (type < 0)
+        return;
     const char *d = c->rec.p + 1;
     size_t n = c->rec.len - 1;
-    int type;
-    switch (c->rec.p[0]) {
-    case 'H': type = EV_H; break;
-    case 'P': type = EV_P; break;
-    case 'S': type = EV_S; break;
-    case 'W': type = EV_W; break;
-    case 'C': type = EV_C; break;
-    case 'X': type = EV_X; break;
-    case 'E': type = EV_ERR; break; /* what the session wrote to stderr */
-    default: return; /* a record of a later version: ignored */
+    long a = 0, b = 0;
+    if (check_record(type, d, n, &a, &b) < 0) {
+        char said[48];
+        quote_line(said, sizeof said, d, n);
+        conn_broke(c, "a malformed %c record (\"%s\"%s)", c->rec.p[0], said,
+                   strlen(said) < n ? "..." : "");
+        return;
     }
     flush_raw(c);
-    q_push(c, type, d, n);
+    struct ev *e = q_push(c, type, d, n);
+    e->a = a;
+    e->b = b;
+}
+
+/* A byte of a record's payload; at most REC_MAX of a record kept whole. */
+static void record_byte(struct conn *c, unsigned char b)
+{
+    if (c->rec.len >= REC_MAX && c->rec.p[0] != 'E') {
+        conn_broke(c, "a record longer than %u MiB", REC_MAX >> 20);
+        return;
+    }
+    buf_addc(&c->rec, (char)b);
 }
 
 /* Telnet framing: raw bytes are output (IAC IAC is a 0xFF byte), IAC SB 77
@@ -575,7 +814,7 @@ static void emit_record(struct conn *c)
 static void parse_bytes(struct conn *c, const unsigned char *p, size_t n)
 {
     size_t run = 0; /* start of the current run of plain output */
-    for (size_t i = 0; i < n; i++) {
+    for (size_t i = 0; i < n && !c->broke[0]; i++) {
         unsigned char b = p[i];
         switch (c->pst) {
         case 0:
@@ -608,11 +847,11 @@ static void parse_bytes(struct conn *c, const unsigned char *p, size_t n)
             if (b == IAC)
                 c->pst = 4;
             else
-                buf_addc(&c->rec, (char)b);
+                record_byte(c, b);
             break;
         case 4: /* payload, after IAC */
             if (b == IAC) {
-                buf_addc(&c->rec, (char)IAC);
+                record_byte(c, b);
                 c->pst = 3;
             } else {
                 emit_record(c);
@@ -625,9 +864,13 @@ static void parse_bytes(struct conn *c, const unsigned char *p, size_t n)
         }
         run = i + 1;
     }
+    if (c->broke[0])
+        return;
     if (c->pst == 0 && run < n)
         buf_add(&c->raw, p + run, n - run);
     flush_raw(c);
+    if (c->pst == 3 || c->pst == 4)
+        stream_record(c);
 }
 
 /* Read what is there; 1 if something came (or the end), 0 if nothing. */
@@ -771,80 +1014,6 @@ static int unix_connect(const char *path, int *code)
     return -1;
 }
 
-static int tcp_connect(const char *host, const char *port, const char *name, double deadline,
-                       int *code)
-{
-    struct addrinfo hints, *res = NULL;
-    memset(&hints, 0, sizeof hints);
-    hints.ai_family = AF_UNSPEC;
-    hints.ai_socktype = SOCK_STREAM;
-    int gr = getaddrinfo(host, port, &hints, &res);
-    if (gr != 0) {
-        snprintf(errmsg, sizeof errmsg, "%s: %s", name, gai_strerror(gr));
-        *code = EXIT_NOTFOUND;
-        return -1;
-    }
-    int last = ECONNREFUSED, timed_out = 0;
-    for (struct addrinfo *ai = res; ai; ai = ai->ai_next) {
-        int fd = socket(ai->ai_family, ai->ai_socktype, ai->ai_protocol);
-        if (fd < 0) {
-            last = errno;
-            continue;
-        }
-        fcntl(fd, F_SETFD, FD_CLOEXEC);
-        set_nonblock(fd, 1);
-        int r = connect(fd, ai->ai_addr, ai->ai_addrlen);
-        if (r < 0 && errno == EINPROGRESS) {
-            struct pollfd pf = {fd, POLLOUT, 0};
-            int pr;
-            do
-                pr = poll(&pf, 1, ms_until(deadline));
-            while (pr < 0 && errno == EINTR && !sig_int && !sig_term);
-            if (pr <= 0) {
-                timed_out = pr == 0;
-                last = pr == 0 ? ETIMEDOUT : errno;
-                close(fd);
-                continue;
-            }
-            int err = 0;
-            socklen_t len = sizeof err;
-            getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len);
-            if (err) {
-                last = err;
-                close(fd);
-                continue;
-            }
-            r = 0;
-        }
-        if (r == 0) {
-            freeaddrinfo(res);
-#ifdef SO_NOSIGPIPE
-            int one = 1;
-            setsockopt(fd, SOL_SOCKET, SO_NOSIGPIPE, &one, sizeof one);
-#endif
-            return fd;
-        }
-        last = errno;
-        close(fd);
-    }
-    freeaddrinfo(res);
-    if (timed_out || last == ETIMEDOUT) {
-        snprintf(errmsg, sizeof errmsg, "%s: no answer within %g s", name, opt.timeout);
-        *code = EXIT_NOANSWER;
-    } else if (last == EACCES || last == EPERM) {
-        snprintf(errmsg, sizeof errmsg, "%s: permission denied", name);
-        *code = EXIT_PERM;
-    } else if (last == ECONNREFUSED) {
-        snprintf(errmsg, sizeof errmsg,
-                 "%s: connection refused (nothing listens there; has the host exited?)", name);
-        *code = EXIT_REFUSED;
-    } else {
-        snprintf(errmsg, sizeof errmsg, "%s: %s", name, strerror(last));
-        *code = EXIT_REFUSED;
-    }
-    return -1;
-}
-
 /* ---- The hello handshake ------------------------------------------------ */
 
 enum { HS_RUN, HS_OK, HS_FAIL };
@@ -875,15 +1044,14 @@ static void hs_classify_close(struct hs *h)
     const char *pre = buf_str(&h->pre);
     const char *line = strstr(pre, "manhole: ");
     char said[256] = "";
-    if (line) {
-        size_t n = strcspn(line + 9, "\r\n");
-        if (n >= sizeof said)
-            n = sizeof said - 1;
-        memcpy(said, line + 9, n);
-        said[n] = '\0';
-    }
+    if (line)
+        quote_line(said, sizeof said, line + 9, strcspn(line + 9, "\r\n"));
     h->state = HS_FAIL;
-    if (strstr(pre, "manhole: authentication failed")) {
+    if (h->c.broke[0]) {
+        h->code = EXIT_CLOSED;
+        snprintf(h->msg, sizeof h->msg, "%s: the server broke the protocol: %s", h->c.name,
+                 h->c.broke);
+    } else if (strstr(pre, "manhole: authentication failed")) {
         h->code = EXIT_AUTH;
         snprintf(h->msg, sizeof h->msg, "%s: authentication failed (wrong or missing secret)",
                  h->c.name);
@@ -916,6 +1084,8 @@ static void hs_digest(struct hs *h)
         else if (e.type == EV_H)
             h->state = HS_OK;
         free(e.data);
+        if (h->state == HS_RUN && h->pre.len > PRE_MAX)
+            conn_broke(&h->c, "more than %u MiB before the hello reply", PRE_MAX >> 20);
     }
     if (h->state == HS_RUN && h->c.eof)
         hs_classify_close(h);
@@ -1238,6 +1408,7 @@ static int do_list(void)
 struct session {
     struct conn c;
     struct buf banner; /* before the hello reply: banner and the raw prompt */
+    struct u8carry u8out, u8err; /* a character cut between chunks of each */
 };
 
 static void take_hs(struct session *s, struct hs *h)
@@ -1249,16 +1420,12 @@ static void take_hs(struct session *s, struct hs *h)
     memset(&h->pre, 0, sizeof h->pre);
 }
 
-static void greet_one(struct session *s, int fd, const char *name, const char *secret,
-                      const char *secret_note, double deadline)
+static void greet_one(struct session *s, int fd, const char *name, const char *secret_note,
+                      double deadline)
 {
     struct hs h;
     memset(&h, 0, sizeof h);
     conn_init(&h.c, fd, name);
-    if (secret) {
-        buf_adds(&h.c.out, secret);
-        buf_addc(&h.c.out, '\n');
-    }
     hs_send_hello(&h);
     hs_run(&h, 1, deadline);
     if (h.state != HS_OK) {
@@ -1279,27 +1446,483 @@ static int all_digits(const char *s)
     return 1;
 }
 
-static char *read_secret(const char *file, int explicit_file, char *note, size_t notelen)
+/* ---- TCP: the secret of each address, who listens there, the proofs ---- */
+
+struct tcp_addr {
+    struct sockaddr_storage sa;
+    socklen_t len;
+    char ep[INET6_ADDRSTRLEN + 16]; /* as mh_endpoint() writes it */
+    char file[PATH_MAX];            /* its secret file ("" when none) */
+};
+
+/* HOST:PORT, [ADDR]:PORT or :PORT (127.0.0.1); PORT alone too when
+ * bare_port. 0, or -1 when t names no TCP endpoint. */
+static int parse_tcp_target(const char *t, int bare_port, char *host, size_t hn,
+                            const char **port)
 {
-    int fd = open(file, O_RDONLY | O_CLOEXEC);
+    const char *colon = strrchr(t, ':');
+    if (bare_port && all_digits(t)) {
+        snprintf(host, hn, "127.0.0.1");
+        *port = t;
+        return 0;
+    }
+    if (!colon || strchr(t, '/') || !all_digits(colon + 1) || strlen(colon + 1) > 5)
+        return -1;
+    size_t hl = (size_t)(colon - t);
+    if (hl >= hn)
+        die(EXIT_USAGE, "%s: host name too long", t);
+    memcpy(host, t, hl);
+    host[hl] = '\0';
+    if (host[0] == '[' && hl >= 2 && host[hl - 1] == ']') {
+        memmove(host, host + 1, hl - 2);
+        host[hl - 2] = '\0';
+    }
+    if (!host[0])
+        snprintf(host, hn, "127.0.0.1");
+    *port = colon + 1;
+    return 0;
+}
+
+/* The addresses HOST:PORT resolves to, in order, each once. */
+static size_t resolve_tcp(const char *host, const char *port, const char *name,
+                          struct tcp_addr **out)
+{
+    struct addrinfo hints, *res = NULL;
+    memset(&hints, 0, sizeof hints);
+    hints.ai_family = AF_UNSPEC;
+    hints.ai_socktype = SOCK_STREAM;
+    hints.ai_flags = AI_NUMERICSERV;
+    int gr = getaddrinfo(host, port, &hints, &res);
+    if (gr != 0)
+        die(EXIT_NOTFOUND, "%s: %s", name, gai_strerror(gr));
+    size_t n = 0;
+    *out = NULL;
+    for (struct addrinfo *ai = res; ai; ai = ai->ai_next) {
+        struct tcp_addr a;
+        memset(&a, 0, sizeof a);
+        if (ai->ai_addrlen > sizeof a.sa ||
+            mh_endpoint(a.ep, sizeof a.ep, ai->ai_addr, ai->ai_addrlen) < 0)
+            continue;
+        int dup = 0;
+        for (size_t i = 0; i < n; i++)
+            dup |= !strcmp((*out)[i].ep, a.ep);
+        if (dup)
+            continue;
+        memcpy(&a.sa, ai->ai_addr, ai->ai_addrlen);
+        a.len = (socklen_t)ai->ai_addrlen;
+        *out = xrealloc(*out, (n + 1) * sizeof **out);
+        (*out)[n++] = a;
+    }
+    freeaddrinfo(res);
+    if (!n)
+        die(EXIT_NOTFOUND, "%s: no IPv4 or IPv6 address", name);
+    return n;
+}
+
+static int secret_exists(const char *ep, char *file, size_t fn, struct buf *looked)
+{
+    if (mh_secret_path(file, fn, geteuid(), ep) < 0) {
+        file[0] = '\0';
+        return 0;
+    }
+    struct stat st;
+    if (stat(file, &st) == 0 || errno != ENOENT)
+        return 1; /* (unreadable: said when it is read) */
+    buf_adds(looked, looked->len ? ", " : "");
+    buf_adds(looked, file);
+    file[0] = '\0';
+    return 0;
+}
+
+/* The secret file of an address (wire.h): the one of that address, else
+ * the one of its family's wildcard address; a->file stays "" for none. */
+static void find_secret_file(struct tcp_addr *a, const char *port, struct buf *looked)
+{
+    if (secret_exists(a->ep, a->file, sizeof a->file, looked))
+        return;
+    char any[32];
+    snprintf(any, sizeof any, "%s:%s", a->sa.ss_family == AF_INET6 ? "[::]" : "0.0.0.0", port);
+    secret_exists(any, a->file, sizeof a->file, looked);
+}
+
+/* Each address's secret file (or --secret-file for all); dies when no
+ * address has one. */
+static void find_secret_files(struct tcp_addr *as, size_t n, const char *port, const char *name)
+{
+    struct buf looked = {0};
+    size_t found = 0;
+    for (size_t i = 0; i < n; i++) {
+        if (opt.secret_file)
+            snprintf(as[i].file, sizeof as[i].file, "%s", opt.secret_file);
+        else
+            find_secret_file(&as[i], port, &looked);
+        found += as[i].file[0] != '\0';
+    }
+    if (!found)
+        die(EXIT_NOTFOUND,
+            "no secret file for %s (looked in %s); is the host listening there? give "
+            "--secret-file",
+            name, buf_str(&looked));
+    buf_free(&looked);
+}
+
+/* --secret-path: the file each address would use. */
+static int print_secret_paths(const char *t)
+{
+    char host[256];
+    const char *port;
+    if (parse_tcp_target(t, 1, host, sizeof host, &port) < 0)
+        die(EXIT_USAGE, "--secret-path: not HOST:PORT or PORT: %s", t);
+    struct tcp_addr *as;
+    size_t n = resolve_tcp(host, port, t, &as);
+    find_secret_files(as, n, port, t);
+    for (size_t i = 0; i < n; i++) {
+        int dup = !as[i].file[0];
+        for (size_t k = 0; k < i && !dup; k++)
+            dup = !strcmp(as[k].file, as[i].file);
+        if (!dup)
+            printf("%s\n", as[i].file);
+    }
+    free(as);
+    return fflush(stdout) == 0 ? 0 : EXIT_CLOSED;
+}
+
+/* The secret line of a file (without its line end), and its owner. */
+static size_t read_secret(const char *file, char *secret, uid_t *owner)
+{
+    int fd = open(file, O_RDONLY | O_CLOEXEC | O_NOCTTY);
     if (fd < 0) {
         int e = errno;
         if (e == EACCES || e == EPERM)
             die(EXIT_PERM, "cannot read the secret file %s: permission denied", file);
-        if (explicit_file)
-            die(EXIT_NOTFOUND, "secret file %s: %s", file, strerror(e));
-        snprintf(note, notelen, "no secret file at %s (give --secret-file)", file);
-        return NULL;
+        die(EXIT_NOTFOUND, "secret file %s: %s", file, strerror(e));
     }
-    char tmp[4096];
-    ssize_t r = read(fd, tmp, sizeof tmp - 1);
+    struct stat st;
+    char tmp[MH_SECRET_MAX + 2];
+    ssize_t r = fstat(fd, &st) < 0 ? -1 : read(fd, tmp, sizeof tmp);
+    int e = errno;
     close(fd);
     if (r < 0)
-        die(EXIT_PERM, "cannot read the secret file %s: %s", file, strerror(errno));
-    tmp[r] = '\0';
-    tmp[strcspn(tmp, "\r\n")] = '\0';
-    snprintf(note, notelen, "the secret was read from %s", file);
-    return xstrdup(tmp);
+        die(EXIT_PERM, "cannot read the secret file %s: %s", file, strerror(e));
+    size_t n = 0;
+    while (n < (size_t)r && tmp[n] != '\n' && tmp[n] != '\r')
+        n++;
+    if (n > MH_SECRET_MAX || memchr(tmp, '\0', n))
+        die(EXIT_AUTH, "the secret file %s does not hold a secret line (at most %d bytes)", file,
+            MH_SECRET_MAX);
+    memcpy(secret, tmp, n);
+    secret[n] = '\0';
+    *owner = st.st_uid;
+    return n;
+}
+
+static int connect_addr(const struct tcp_addr *a, double deadline, int *err)
+{
+    int fd = socket(a->sa.ss_family, SOCK_STREAM, 0);
+    if (fd < 0) {
+        *err = errno;
+        return -1;
+    }
+    fcntl(fd, F_SETFD, FD_CLOEXEC);
+    set_nonblock(fd, 1);
+    int r = connect(fd, (const struct sockaddr *)&a->sa, a->len);
+    if (r < 0 && errno == EINPROGRESS) {
+        struct pollfd pf = {fd, POLLOUT, 0};
+        int pr;
+        do
+            pr = poll(&pf, 1, ms_until(deadline));
+        while (pr < 0 && errno == EINTR && !sig_int && !sig_term);
+        socklen_t len = sizeof *err;
+        *err = pr == 0 ? ETIMEDOUT : pr < 0 ? errno : 0;
+        if (pr > 0 && getsockopt(fd, SOL_SOCKET, SO_ERROR, err, &len) < 0)
+            *err = errno;
+        r = *err ? -1 : 0;
+    } else if (r < 0) {
+        *err = errno;
+    }
+    if (r < 0) {
+        close(fd);
+        return -1;
+    }
+#ifdef SO_NOSIGPIPE
+    int one = 1;
+    setsockopt(fd, SOL_SOCKET, SO_NOSIGPIPE, &one, sizeof one);
+#endif
+    return fd;
+}
+
+static void connect_failed(const char *name, int err)
+{
+    if (err == ETIMEDOUT)
+        die(EXIT_NOANSWER, "%s: no answer within %g s", name, opt.timeout);
+    if (err == EACCES || err == EPERM)
+        die(EXIT_PERM, "%s: permission denied", name);
+    if (err == ECONNREFUSED)
+        die(EXIT_REFUSED, "%s: connection refused (nothing listens there; has the host exited?)",
+            name);
+    die(EXIT_REFUSED, "%s: %s", name, strerror(err));
+}
+
+/* ---- Who listens: /proc/net/tcp and tcp6 (Linux) ---- */
+
+struct listen_scan {
+    const struct tcp_addr *a;
+    uid_t ok1, ok2;      /* the uids that may listen there */
+    int seen;            /* /proc/net could be read */
+    int rank;            /* how well the best listeners so far match */
+    size_t count;        /* listeners of that rank */
+    int bad;             /* one of them belongs to another uid: */
+    unsigned long who;   /* that uid */
+};
+
+/* How well a listener on (v6, addr) matches a connection to a, higher
+ * first, as Linux picks one: the address itself, then the wildcard of the
+ * same family, then (IPv4) the IPv6 wildcard; 0: it does not. */
+static int listen_rank(const struct tcp_addr *a, int v6, const unsigned char *addr)
+{
+    static const unsigned char any[16], mapped[12] = {[10] = 0xff, [11] = 0xff};
+    if (a->sa.ss_family == AF_INET6) {
+        const unsigned char *ip = ((const struct sockaddr_in6 *)(const void *)&a->sa)->sin6_addr.s6_addr;
+        return !v6 ? 0 : !memcmp(addr, ip, 16) ? 4 : !memcmp(addr, any, 16) ? 2 : 0;
+    }
+    const unsigned char *ip =
+        (const unsigned char *)&((const struct sockaddr_in *)(const void *)&a->sa)->sin_addr;
+    if (!v6)
+        return !memcmp(addr, ip, 4) ? 4 : !memcmp(addr, any, 4) ? 2 : 0;
+    if (!memcmp(addr, mapped, 12) && !memcmp(addr + 12, ip, 4))
+        return 3;
+    return !memcmp(addr, any, 16) ? 1 : 0;
+}
+
+static unsigned tcp_port(const struct tcp_addr *a)
+{
+    return a->sa.ss_family == AF_INET6
+               ? ntohs(((const struct sockaddr_in6 *)(const void *)&a->sa)->sin6_port)
+               : ntohs(((const struct sockaddr_in *)(const void *)&a->sa)->sin_port);
+}
+
+/* One line of /proc/net/tcp{,6}: a listener's address, port and uid. */
+static int parse_listener(const char *line, int v6, unsigned char *addr, unsigned *port,
+                          unsigned long *uid)
+{
+    char hex[33];
+    unsigned st;
+    if (sscanf(line, " %*u: %32[0-9A-Fa-f]:%x %*s %x %*s %*s %*s %lu", hex, port, &st, uid) != 4 ||
+        st != 0x0A || strlen(hex) != (v6 ? 32u : 8u))
+        return -1;
+    for (size_t w = 0; w < strlen(hex) / 8; w++) { /* words in the kernel's byte order */
+        char part[9];
+        memcpy(part, hex + 8 * w, 8);
+        part[8] = '\0';
+        uint32_t x = (uint32_t)strtoul(part, NULL, 16);
+        memcpy(addr + 4 * w, &x, 4);
+    }
+    return 0;
+}
+
+static void scan_listeners(const char *file, int v6, struct listen_scan *sc)
+{
+    FILE *f = fopen(file, "r");
+    if (!f)
+        return;
+    sc->seen = 1;
+    char line[512];
+    while (fgets(line, sizeof line, f)) {
+        unsigned char addr[16];
+        unsigned port;
+        unsigned long uid;
+        if (parse_listener(line, v6, addr, &port, &uid) < 0 || port != tcp_port(sc->a))
+            continue;
+        int r = listen_rank(sc->a, v6, addr);
+        if (r > sc->rank) {
+            sc->rank = r;
+            sc->count = 0;
+            sc->bad = 0;
+        }
+        if (r == 0 || r < sc->rank)
+            continue;
+        sc->count++;
+        if (uid != sc->ok1 && uid != sc->ok2 && !sc->bad) {
+            sc->bad = 1;
+            sc->who = uid;
+        }
+    }
+    fclose(f);
+}
+
+static int is_loopback(const struct tcp_addr *a)
+{
+    if (a->sa.ss_family == AF_INET6)
+        return IN6_IS_ADDR_LOOPBACK(&((const struct sockaddr_in6 *)(const void *)&a->sa)->sin6_addr);
+    return (ntohl(((const struct sockaddr_in *)(const void *)&a->sa)->sin_addr.s_addr) >> 24) == 127;
+}
+
+/* Before anything is sent: the listener there belongs to the secret's
+ * owner (or to us). Where /proc/net cannot be read, not checked. */
+static void check_listener(const struct tcp_addr *a, uid_t owner, const char *name)
+{
+    struct listen_scan sc;
+    memset(&sc, 0, sizeof sc);
+    sc.a = a;
+    sc.ok1 = owner;
+    sc.ok2 = geteuid();
+    scan_listeners("/proc/net/tcp", 0, &sc);
+    scan_listeners("/proc/net/tcp6", 1, &sc);
+    if (sc.seen && sc.bad)
+        die(EXIT_AUTH,
+            "%s: the listener on %s belongs to uid %lu, not to the secret's owner (uid %lu); "
+            "nothing was sent",
+            name, a->ep, sc.who, (unsigned long)owner);
+    if (sc.seen && !sc.count && is_loopback(a))
+        die(EXIT_AUTH, "%s: cannot tell who listens on %s (not in /proc/net); nothing was sent",
+            name, a->ep);
+}
+
+/* ---- The challenge-response (wire.h) ---- */
+
+#define AUTH_REPLY_LEN (6 + MH_NONCE_HEX + 1 + MH_PROOF_HEX + 2)
+
+/* The server's A record so far: 1 complete, 0 good so far, -1 not it. */
+static int auth_reply_check(const unsigned char *r, size_t n)
+{
+    static const unsigned char head[6] = {IAC, SB, OPT_MANHOLE, MH_REC_AUTH, '1', ' '};
+    for (size_t i = 0; i < n; i++) {
+        int ok = i < 6                          ? r[i] == head[i]
+                 : i == 6 + MH_NONCE_HEX        ? r[i] == ' '
+                 : i == AUTH_REPLY_LEN - 2      ? r[i] == IAC
+                 : i == AUTH_REPLY_LEN - 1      ? r[i] == SE
+                                                : mh_is_hex((const char *)r + i, 1);
+        if (!ok)
+            return -1;
+    }
+    return n == AUTH_REPLY_LEN;
+}
+
+/* Read the answer (never a byte past it): its length; *end set when the
+ * server closed or sent something else. */
+static size_t auth_read(int fd, unsigned char *r, size_t cap, double deadline, int *end)
+{
+    size_t got = 0;
+    *end = 0;
+    while (got < cap) {
+        struct pollfd pf = {fd, POLLIN, 0};
+        int pr = poll(&pf, 1, ms_until(deadline));
+        if (pr < 0 && errno == EINTR && (sig_int || sig_term))
+            die(EXIT_INTERRUPTED, "interrupted");
+        if (pr == 0)
+            break;
+        ssize_t k = pr < 0 ? 0 : recv(fd, r + got, cap - got, 0);
+        if (k < 0 && (errno == EINTR || errno == EAGAIN))
+            continue;
+        if (k <= 0) {
+            *end = 1;
+            break;
+        }
+        got += (size_t)k;
+        if (r[0] == IAC && auth_reply_check(r, got) < 0) {
+            *end = 1;
+            break;
+        }
+        if (r[0] != IAC && (memchr(r, '\n', got) || got >= 200)) {
+            *end = 1; /* a line of text: enough to say what it was */
+            break;
+        }
+    }
+    return got;
+}
+
+/* Anything but the A record: the server learns nothing more. */
+static void auth_refused(const char *name, const unsigned char *r, size_t n, int end)
+{
+    char said[200] = "";
+    if (n && r[0] != IAC)
+        quote_line(said, sizeof said, (const char *)r, strcspn((const char *)r, "\r\n"));
+    if (!memcmp(said, "manhole: ", 9) &&
+        (strstr(said, "access denied") || strstr(said, "too many")))
+        die(EXIT_REJECTED, "%s: the manhole refused this client: %s", name, said + 9);
+    if (!end && !n)
+        die(EXIT_AUTH,
+            "%s: no answer to the authentication within %g s (not a manhole, or one older than "
+            "this client); nothing was sent",
+            name, opt.timeout);
+    if (!n)
+        die(EXIT_AUTH, "%s: the server closed the connection before proving it knows the "
+            "secret; nothing was sent", name);
+    die(EXIT_AUTH, "%s: the server did not prove it knows the secret (it sent %s%s%s); nothing "
+        "was sent", name, said[0] ? "\"" : "other bytes", said, said[0] ? "\"" : "");
+}
+
+static void send_auth_record(int fd, const char *payload, size_t n)
+{
+    struct buf b = {0};
+    const char head[4] = {(char)IAC, (char)SB, (char)OPT_MANHOLE, MH_REC_AUTH};
+    buf_add(&b, head, 4);
+    buf_add(&b, payload, n); /* hex digits and a space: nothing to escape */
+    buf_add(&b, "\xff\xf0", 2);
+    if (write_all(fd, b.p, b.len) < 0 && errno != EPIPE && errno != ECONNRESET)
+        die(EXIT_CLOSED, "sending: %s", strerror(errno));
+    buf_free(&b);
+}
+
+/* Client nonce out, the server's proof checked, ours sent: only then does
+ * the session begin. Dies with 84 on anything else. */
+static void tcp_auth(int fd, const char *secret, size_t slen, const char *name, const char *note,
+                     double deadline)
+{
+    char cnonce[MH_NONCE_HEX + 3] = MH_AUTH_VERSION " ", ep[INET6_ADDRSTRLEN + 16];
+    struct sockaddr_storage peer;
+    socklen_t pl = sizeof peer;
+    if (!slen)
+        die(EXIT_AUTH, "%s: the secret file is empty; %s", name, note);
+    if (mh_random_hex(cnonce + 2, MH_NONCE_HEX / 2) < 0)
+        die(EXIT_CLOSED, "cannot read random bytes for the authentication");
+    if (getpeername(fd, (struct sockaddr *)&peer, &pl) < 0 ||
+        mh_endpoint(ep, sizeof ep, (struct sockaddr *)&peer, pl) < 0)
+        die(EXIT_CLOSED, "%s: %s", name, strerror(errno));
+    send_auth_record(fd, cnonce, strlen(cnonce));
+    unsigned char r[AUTH_REPLY_LEN + 1] = {0};
+    int end;
+    size_t n = auth_read(fd, r, AUTH_REPLY_LEN, deadline, &end);
+    if (auth_reply_check(r, n) != 1)
+        auth_refused(name, r, n, end);
+    char snonce[MH_NONCE_HEX + 1], want[MH_PROOF_HEX + 1];
+    memcpy(snonce, r + 6, MH_NONCE_HEX);
+    snonce[MH_NONCE_HEX] = '\0';
+    mh_auth_proof(want, 1, secret, slen, cnonce + 2, snonce, ep);
+    if (!mh_equal(want, r + 7 + MH_NONCE_HEX, MH_PROOF_HEX))
+        die(EXIT_AUTH, "%s: authentication failed (wrong or missing secret); %s", name, note);
+    mh_auth_proof(want, 0, secret, slen, cnonce + 2, snonce, ep);
+    send_auth_record(fd, want, MH_PROOF_HEX);
+}
+
+/* HOST:PORT: only to an address with a secret file, only after its
+ * listener and then the server itself have shown they are the host's. */
+static void open_tcp(struct session *s, const char *t, const char *host, const char *port,
+                     double deadline)
+{
+    struct tcp_addr *as;
+    size_t n = resolve_tcp(host, port, t, &as);
+    find_secret_files(as, n, port, t);
+    int fd = -1, err = ECONNREFUSED;
+    size_t i = 0;
+    char secret[MH_SECRET_MAX + 1], note[PATH_MAX + 64];
+    size_t slen = 0;
+    uid_t owner = 0;
+    for (; i < n && fd < 0; i++) {
+        if (!as[i].file[0])
+            continue;
+        slen = read_secret(as[i].file, secret, &owner);
+        fd = connect_addr(&as[i], deadline, &err);
+    }
+    if (fd < 0)
+        connect_failed(t, err);
+    const struct tcp_addr *a = &as[i - 1];
+    snprintf(note, sizeof note, "the secret was read from %s", a->file);
+    check_listener(a, owner, t);
+    tcp_auth(fd, secret, slen, t, note, deadline);
+    memset(secret, 0, sizeof secret);
+    free(as);
+    greet_one(s, fd, t, note, deadline);
 }
 
 static void open_session(struct session *s)
@@ -1314,7 +1937,7 @@ static void open_session(struct session *s)
         int fd = unix_connect(p, &code);
         if (fd < 0)
             die(code, "%s", errmsg);
-        greet_one(s, fd, p, NULL, NULL, deadline);
+        greet_one(s, fd, p, NULL, deadline);
         return;
     }
     if (all_digits(t)) {
@@ -1326,7 +1949,7 @@ static void open_session(struct session *s)
             int fd = unix_connect(opt.path, &code);
             if (fd < 0)
                 die(code, "%s", errmsg);
-            greet_one(s, fd, opt.path, NULL, NULL, deadline);
+            greet_one(s, fd, opt.path, NULL, deadline);
             return;
         }
 #ifdef __linux__
@@ -1353,7 +1976,7 @@ static void open_session(struct session *s)
             int fd = unix_connect(cs[0].path, &code);
             if (fd < 0)
                 die(code, "%s", errmsg);
-            greet_one(s, fd, cs[0].path, NULL, NULL, deadline);
+            greet_one(s, fd, cs[0].path, NULL, deadline);
             free(cs[0].path);
             free(cs);
             return;
@@ -1404,48 +2027,35 @@ static void open_session(struct session *s)
 #endif
     }
     /* HOST:PORT or [ADDR]:PORT */
-    const char *colon = strrchr(t, ':');
-    if (colon && !strchr(t, '/') && all_digits(colon + 1)) {
-        char host[256];
-        size_t hl = (size_t)(colon - t);
-        if (hl >= sizeof host)
-            die(EXIT_USAGE, "%s: host name too long", t);
-        memcpy(host, t, hl);
-        host[hl] = '\0';
-        if (host[0] == '[' && hl >= 2 && host[hl - 1] == ']') {
-            memmove(host, host + 1, hl - 2);
-            host[hl - 2] = '\0';
-        }
-        if (!host[0])
-            strcpy(host, "127.0.0.1");
-        const char *port = colon + 1;
-        char deffile[PATH_MAX];
-        const char *file = opt.secret_file;
-        if (!file) {
-            const char *rt = getenv("XDG_RUNTIME_DIR");
-            if (rt && rt[0])
-                snprintf(deffile, sizeof deffile, "%s/manhole/tcp-%s.secret", rt, port);
-            else
-                snprintf(deffile, sizeof deffile, "/tmp/manhole-%ld/tcp-%s.secret",
-                         (long)geteuid(), port);
-            file = deffile;
-        }
-        char note[PATH_MAX + 64];
-        char *secret = read_secret(file, opt.secret_file != NULL, note, sizeof note);
-        int fd = tcp_connect(host, port, t, deadline, &code);
-        if (fd < 0)
-            die(code, "%s", errmsg);
-        greet_one(s, fd, t, secret, note, deadline);
-        free(secret);
+    char host[256];
+    const char *port;
+    if (parse_tcp_target(t, 0, host, sizeof host, &port) == 0) {
+        open_tcp(s, t, host, port, deadline);
         return;
     }
     int fd = unix_connect(t, &code);
     if (fd < 0)
         die(code, "%s", errmsg);
-    greet_one(s, fd, t, NULL, NULL, deadline);
+    greet_one(s, fd, t, NULL, deadline);
 }
 
 /* ---- Script mode: E record, output only --------------------------------- */
+
+/* What one E record may carry: a manhole takes at most max_line bytes of
+ * it (1 MiB unless the host set another limit; the hello does not say). */
+#define SCRIPT_MAX (1u << 20)
+
+static void check_script_size(const char *filename, size_t srclen)
+{
+    size_t n = strlen(filename) + 1 + srclen;
+    if (n <= SCRIPT_MAX)
+        return;
+    die(EXIT_USAGE,
+        "the script is too long to send in one piece: a manhole takes at most 1 MiB (%u "
+        "bytes, its default max_line) of script; split it, or have the host read it from a "
+        "file: exec(open('/path/to/script.py').read())",
+        SCRIPT_MAX - (unsigned)strlen(filename) - 1);
+}
 
 static int run_script(struct session *s, const char *filename, const char *src, size_t srclen,
                       int stdin_free)
@@ -1474,7 +2084,7 @@ static int run_script(struct session *s, const char *filename, const char *src, 
                 break;
             case EV_S:
                 got_s = 1;
-                status = e.data[0] == '1';
+                status = e.a == 1;
                 break;
             case EV_P:
                 if (got_s) {
@@ -1488,7 +2098,7 @@ static int run_script(struct session *s, const char *filename, const char *src, 
                 break;
             case EV_X:
                 got_x = 1;
-                xcode = atoi(e.data);
+                xcode = (int)e.a;
                 break;
             default:
                 break;
@@ -1497,9 +2107,9 @@ static int run_script(struct session *s, const char *filename, const char *src, 
         }
         if (c->eof) {
             buf_free(&in);
-            if (got_x)
+            if (got_x && !c->broke[0])
                 return xcode;
-            die(EXIT_CLOSED, "%s: the server closed the connection", c->name);
+            die_closed(c);
         }
         if (want_input) {
             char *nl = in.len ? memchr(in.p, '\n', in.len) : NULL;
@@ -1625,38 +2235,49 @@ static void tail_feed(struct buf *t, const char *d, size_t n)
         buf_add(t, d, n);
     }
     if (t->len > 4096) /* a long line without an end: keep its end */
-        buf_consume(t, t->len - 2048);
+        buf_consume(t, u8_cut(t->p, t->len, 2048));
 }
 
-/* The prompt libedit shows: the output tail, then the server's prompt.
- * Escape sequences (colour in sys.ps1) are wrapped in \1 so that libedit
- * knows they take no room; other control characters are dropped. */
+/* The end of the escape sequence (CSI or OSC) at s[i], or 0 when there is
+ * no well-formed one there. */
+static size_t escape_end(const char *s, size_t n, size_t i)
+{
+    if (i + 1 >= n || (s[i + 1] != '[' && s[i + 1] != ']'))
+        return 0;
+    size_t j = i + 2;
+    if (s[i + 1] == '[') { /* parameters 0x20-0x3f, a final 0x40-0x7e */
+        while (j < n && s[j] >= 0x20 && s[j] <= 0x3f)
+            j++;
+        return j < n && s[j] >= 0x40 && s[j] <= 0x7e ? j + 1 : 0;
+    }
+    for (; j < n; j++) { /* OSC: text up to BEL or ESC \ */
+        if (s[j] == '\a')
+            return j + 1;
+        if (s[j] == 033)
+            return j + 1 < n && s[j + 1] == '\\' ? j + 2 : 0;
+        if ((unsigned char)s[j] < 0x20 || s[j] == 0x7f)
+            return 0;
+    }
+    return 0;
+}
+
+/* The prompt libedit shows: the output tail, then the server's prompt, as
+ * valid UTF-8. Escape sequences (colour in sys.ps1) are wrapped in \1 so
+ * that libedit knows they take no room; other control characters are
+ * dropped. */
 static void build_prompt(void)
 {
     struct buf src = {0};
-    buf_add(&src, buf_str(&ed_tail), ed_tail.len);
+    u8_clean(NULL, buf_str(&ed_tail), ed_tail.len, &src);
     if (ed_mode == 'P')
-        buf_add(&src, buf_str(&cur_prompt), cur_prompt.len);
+        u8_clean(NULL, buf_str(&cur_prompt), cur_prompt.len, &src);
     buf_clear(&prompt_esc);
     buf_add(&prompt_esc, "", 0);
     int col = 0;
     for (size_t i = 0; i < src.len; i++) {
         unsigned char ch = (unsigned char)src.p[i];
-        if (ch == 033 && i + 1 < src.len && (src.p[i + 1] == '[' || src.p[i + 1] == ']')) {
-            size_t j = i + 2;
-            if (src.p[i + 1] == '[') {
-                while (j < src.len && !((unsigned char)src.p[j] >= 0x40 && (unsigned char)src.p[j] <= 0x7e))
-                    j++;
-                if (j < src.len)
-                    j++;
-            } else {
-                while (j < src.len && src.p[j] != '\a' &&
-                       !(src.p[j] == 033 && j + 1 < src.len && src.p[j + 1] == '\\'))
-                    j++;
-                j += j < src.len ? (src.p[j] == '\a' ? 1 : 2) : 0;
-                if (j > src.len)
-                    j = src.len;
-            }
+        size_t j = ch == 033 ? escape_end(src.p, src.len, i) : 0;
+        if (j) {
             buf_addc(&prompt_esc, '\1');
             buf_add(&prompt_esc, src.p + i, j - i);
             buf_addc(&prompt_esc, '\1');
@@ -1666,9 +2287,7 @@ static void build_prompt(void)
                 buf_addc(&prompt_esc, ' ');
                 col++;
             } while (col % 8);
-        } else if (ch < 0x20 || ch == 0x7f) {
-            continue;
-        } else {
+        } else if (ch >= 0x20 && ch != 0x7f) {
             buf_addc(&prompt_esc, (char)ch);
             if ((ch & 0xc0) != 0x80)
                 col++;
@@ -1851,7 +2470,7 @@ static void above(const char *d, size_t n)
     buf_clear(&ed_tail);
     buf_add(&ed_tail, all.p + k, all.len - k);
     if (ed_tail.len > 4096)
-        buf_consume(&ed_tail, ed_tail.len - 2048);
+        buf_consume(&ed_tail, u8_cut(ed_tail.p, ed_tail.len, 2048));
     buf_free(&all);
     ed_show();
 }
@@ -2230,8 +2849,9 @@ static struct ev *wait_completion(int id, double deadline)
     struct conn *c = &S->c;
     for (;;) {
         for (size_t i = c->qhead; i < c->qlen; i++) {
-            if (c->q[i].type == EV_C && atoi(c->q[i].data) == id) {
+            if (c->q[i].type == EV_C && c->q[i].a == id) {
                 found = c->q[i];
+                q_took(c, &found);
                 memmove(&c->q[i], &c->q[i + 1], (c->qlen - i - 1) * sizeof *c->q);
                 c->qlen--;
                 if (c->qhead == c->qlen)
@@ -2239,8 +2859,8 @@ static struct ev *wait_completion(int id, double deadline)
                 return &found;
             }
         }
-        if (c->eof || sig_int || sig_term)
-            return NULL;
+        if (c->eof || sig_int || sig_term || c->qbytes > QUEUE_MAX)
+            return NULL; /* (output flooding in: the answer, if any, comes late) */
         int ms = ms_until(deadline);
         if (!ms)
             return NULL;
@@ -2256,6 +2876,35 @@ static struct ev *wait_completion(int id, double deadline)
         if (pf[0].revents & (POLLIN | POLLHUP | POLLERR))
             conn_read(c);
     }
+}
+
+/* The candidates of a C answer ("<id> <n>\n<cand>\n<cand>..."), each as
+ * valid UTF-8; one with a control character in it is no Python and is
+ * left out (it could move the cursor or recolour the terminal). */
+static char **parse_candidates(const char *d, size_t len, size_t *ncand)
+{
+    const char *end = d + len, *p = memchr(d, '\n', len);
+    size_t cap = 0;
+    char **cand = NULL;
+    *ncand = 0;
+    while (p && p < end) {
+        const char *start = p + 1;
+        p = memchr(start, '\n', (size_t)(end - start));
+        size_t n = (size_t)((p ? p : end) - start);
+        int ctrl = 0;
+        for (size_t i = 0; i < n; i++)
+            ctrl |= (unsigned char)start[i] < 0x20 || start[i] == 0x7f;
+        if (!n || ctrl)
+            continue;
+        if (*ncand == cap) {
+            cap = cap ? cap * 2 : 16;
+            cand = xrealloc(cand, cap * sizeof *cand);
+        }
+        struct buf b = {0};
+        u8_clean(NULL, start, n, &b);
+        cand[(*ncand)++] = b.p;
+    }
+    return cand;
 }
 
 static unsigned char fn_complete(EditLine *e, int ch)
@@ -2284,28 +2933,14 @@ static unsigned char fn_complete(EditLine *e, int ch)
     buf_add(&req, text, tlen);
     send_record(&S->c, 'C', req.p, req.len);
     buf_free(&req);
+    int tchars = u8_chars(text, tlen);
     free(text);
     struct ev *ev = wait_completion(id, now() + opt.timeout * 3);
     if (!ev)
         return CC_REFRESH_BEEP;
-    /* "<id> <n>\n<cand>\n<cand>..." */
-    char *p = strchr(ev->data, ' ');
-    int nrep = p ? atoi(p + 1) : 0;
-    char *nl = strchr(ev->data, '\n');
-    size_t ncand = 0, cap = 0;
-    char **cand = NULL;
-    while (nl) {
-        char *start = nl + 1;
-        nl = strchr(start, '\n');
-        size_t n = nl ? (size_t)(nl - start) : strlen(start);
-        if (!n)
-            continue;
-        if (ncand == cap) {
-            cap = cap ? cap * 2 : 16;
-            cand = xrealloc(cand, cap * sizeof *cand);
-        }
-        cand[ncand++] = xstrndup(start, n);
-    }
+    int nrep = (int)ev->b;
+    size_t ncand;
+    char **cand = parse_candidates(ev->data, ev->len, &ncand);
     free(ev->data);
     unsigned char rc = CC_REFRESH;
     if (ncand == 0) {
@@ -2326,6 +2961,8 @@ static unsigned char fn_complete(EditLine *e, int ch)
             int avail = (int)(wl->cursor - wl->buffer);
             if (nrep > avail)
                 nrep = avail;
+            if (nrep > tchars) /* no more than the text it was asked about */
+                nrep = tchars;
             if (nrep > 0)
                 el_deletestr(e, nrep);
             char *ins = xstrndup(cand[0], ncand == 1 ? strlen(cand[0]) : lcp);
@@ -2406,12 +3043,10 @@ static void finish(int code)
     exit(code);
 }
 
+/* Output or stderr text of the session (the server's bytes, as valid
+ * UTF-8 by now). */
 static void show_output(const char *d, size_t n)
 {
-    if (!banner_done) {
-        buf_add(&S->banner, d, n);
-        return;
-    }
     if (ed_active) {
         above(d, n);
         return;
@@ -2423,6 +3058,40 @@ static void show_output(const char *d, size_t n)
     }
     term_write(d, n);
     tail_feed(&tail, d, n);
+}
+
+/* Bytes of output or stderr from the server: held as the banner until the
+ * first prompt, else shown as valid UTF-8 (a character cut between two
+ * chunks is joined again, an invalid byte shown as U+FFFD). */
+static void show_server_text(const struct ev *e)
+{
+    if (!banner_done) {
+        buf_add(&S->banner, e->data, e->len);
+        if (S->banner.len > PRE_MAX)
+            conn_broke(&S->c, "more than %u MiB before the first prompt", PRE_MAX >> 20);
+        return;
+    }
+    struct buf clean = {0};
+    u8_clean(e->type == EV_OUT ? &S->u8out : &S->u8err, e->data, e->len, &clean);
+    if (clean.len)
+        show_output(clean.p, clean.len);
+    buf_free(&clean);
+}
+
+/* The first prompt: what came before it, less the prompt's text, is the
+ * banner. */
+static void show_banner(const char *text, size_t tlen)
+{
+    struct buf *b = &S->banner;
+    if (b->len >= tlen && !memcmp(b->p + b->len - tlen, text, tlen))
+        b->len -= tlen;
+    banner_done = 1;
+    struct buf clean = {0};
+    u8_clean(&S->u8out, buf_str(b), b->len, &clean);
+    term_write(buf_str(&clean), clean.len);
+    tail_feed(&tail, buf_str(&clean), clean.len);
+    buf_free(&clean);
+    buf_free(b);
 }
 
 /* A prompt while a line is being edited (an interrupt crossed a line on
@@ -2454,19 +3123,13 @@ static void on_prompt(const char *d, size_t n)
     int kind = n > 0 && d[0] == '2' ? 2 : 1;
     const char *text = n > 0 ? d + 1 : "";
     size_t tlen = n > 0 ? n - 1 : 0;
-    if (!banner_done) {
-        struct buf *b = &S->banner;
-        if (b->len >= tlen && !memcmp(b->p + b->len - tlen, text, tlen))
-            b->len -= tlen;
-        banner_done = 1;
-        term_write(buf_str(b), b->len);
-        tail_feed(&tail, buf_str(b), b->len);
-    }
+    if (!banner_done)
+        show_banner(text, tlen);
     ed_abandon();
     running = 0;
     pkind = kind;
     buf_clear(&cur_prompt);
-    buf_add(&cur_prompt, text, tlen);
+    u8_clean(NULL, text, tlen, &cur_prompt);
     if (kind == 1) {
         stmt_commit();
         blk_reset();
@@ -2509,12 +3172,12 @@ static void handle_event(struct ev *e)
 {
     switch (e->type) {
     case EV_OUT:
-    case EV_ERR: show_output(e->data, e->len); break;
+    case EV_ERR: show_server_text(e); break;
     case EV_P: on_prompt(e->data, e->len); break;
     case EV_W: on_input_wanted(); break;
     case EV_X:
         got_x = 1;
-        x_code = atoi(e->data);
+        x_code = (int)e->a;
         break;
     default: break; /* S: the status matters in script mode only; C: a late reply */
     }
@@ -2751,12 +3414,12 @@ static void on_server_closed(void)
     }
     if (tail.len)
         term_puts("\n");
-    if (got_x)
+    if (got_x && !S->c.broke[0])
         finish(x_code);
-    if (closing || running)
+    if ((closing || running) && !S->c.broke[0])
         finish(0); /* end of input, or exit()/quit() ended the session */
     hist_save();
-    die(EXIT_CLOSED, "%s: the server closed the connection", S->c.name);
+    die_closed(&S->c);
 }
 
 static int interactive(struct session *s)
@@ -2838,8 +3501,8 @@ static int interactive(struct session *s)
         if (pf[0].revents & POLLOUT)
             conn_flush(c);
         if (pf[0].revents & (POLLIN | POLLHUP | POLLERR))
-            while (conn_read(c) && !c->eof) {
-            }
+            while (conn_read(c) && !c->eof && c->qbytes < (1u << 20)) {
+            } /* what is there, up to 1 MiB: then it is shown */
         if (pf[2].revents & (POLLIN | POLLHUP | POLLERR)) {
             char tmp[4096];
             ssize_t k = read(tty_in, tmp, sizeof tmp);
@@ -2866,11 +3529,12 @@ static void utf8_locale(void)
 
 int main(int argc, char **argv)
 {
-    enum { O_PATH = 256, O_SECRET, O_LIST, O_TIMEOUT, O_NOHIST };
+    enum { O_PATH = 256, O_SECRET, O_SECRET_PATH, O_LIST, O_TIMEOUT, O_NOHIST };
     static const struct option longopts[] = {
         {"command", required_argument, NULL, 'c'},
         {"path", required_argument, NULL, O_PATH},
         {"secret-file", required_argument, NULL, O_SECRET},
+        {"secret-path", required_argument, NULL, O_SECRET_PATH},
         {"list", no_argument, NULL, O_LIST},
         {"timeout", required_argument, NULL, O_TIMEOUT},
         {"no-history", no_argument, NULL, O_NOHIST},
@@ -2884,6 +3548,7 @@ int main(int argc, char **argv)
         case 'c': opt.command = optarg; break;
         case O_PATH: opt.path = optarg; break;
         case O_SECRET: opt.secret_file = optarg; break;
+        case O_SECRET_PATH: opt.secret_path = optarg; break;
         case O_LIST: opt.list = 1; break;
         case O_NOHIST: opt.no_history = 1; break;
         case O_TIMEOUT: {
@@ -2917,6 +3582,13 @@ int main(int argc, char **argv)
         usage_exit(EXIT_USAGE);
     }
     utf8_locale();
+    if (opt.secret_path) {
+        if (opt.target || opt.command || opt.path || opt.list) {
+            fprintf(stderr, "manhole-cli: --secret-path takes no target\n");
+            usage_exit(EXIT_USAGE);
+        }
+        return print_secret_paths(opt.secret_path);
+    }
     if (opt.list) {
         if (opt.target || opt.command || opt.path) {
             fprintf(stderr, "manhole-cli: --list takes no target\n");
@@ -2935,12 +3607,15 @@ int main(int argc, char **argv)
     /* Script mode reads the script before connecting: a slow producer
      * holds no session open. */
     struct buf script = {0};
+    if (opt.command)
+        check_script_size("<string>", strlen(opt.command));
     if (!interactive_mode && !opt.command) {
         char tmp[65536];
         for (;;) {
             ssize_t k = read(0, tmp, sizeof tmp);
             if (k > 0) {
                 buf_add(&script, tmp, (size_t)k);
+                check_script_size("<stdin>", script.len);
                 continue;
             }
             if (k < 0 && errno == EINTR) {
