@@ -4615,6 +4615,32 @@ static int stmt_begin(worker *w, client *c)
     return 0;
 }
 
+/* The watchdog's KeyboardInterrupt reached a statement that may have
+ * ended before it raised it: let it raise now, where it is caught,
+ * rather than cancel it. PyThreadState_SetAsyncExc(id, NULL) would
+ * cancel it, but it signals the eval breaker again whatever it cancels,
+ * and on 3.8 to 3.12 only the thread's next async exception clears that
+ * signal: Python then stops at every check for the rest of the process,
+ * and 3.11's tracing (settrace, setprofile, pdb, cProfile) loops on it
+ * forever. A loop's backward jump checks the eval breaker on every
+ * version. GIL held. */
+static void interrupt_consume(void)
+{
+    PyObject *t, *v, *tb;
+    PyErr_Fetch(&t, &v, &tb);
+    PyObject *g = PyDict_New();
+    PyObject *code = Py_CompileString("for _ in range(8): pass\n", "<manhole>",
+                                      Py_file_input);
+    if (g && code && PyDict_SetItemString(g, "__builtins__", PyEval_GetBuiltins()) == 0) {
+        PyObject *r = PyEval_EvalCode(code, g, g);
+        Py_XDECREF(r);
+    }
+    Py_XDECREF(code);
+    Py_XDECREF(g);
+    PyErr_Clear(); /* the KeyboardInterrupt, if it was still pending */
+    PyErr_Restore(t, v, tb);
+}
+
 /* Returns 1 if the statement timed out. GIL held. */
 static int stmt_end(worker *w)
 {
@@ -4628,7 +4654,7 @@ static int stmt_end(worker *w)
         w->timed_out = 0;
     pthread_mutex_unlock(&mh->lock);
     if (sent) /* an interrupt that came too late must not leak out */
-        PyThreadState_SetAsyncExc(w->py_tid, NULL);
+        interrupt_consume();
     return timed_out;
 }
 

@@ -1,0 +1,97 @@
+"""Issue 15 (hardening III), the Python glue: points 3, 4, 12, 13 and 14.
+
+Each test runs a real host (the demo or tests/hosts/test-host) and talks to
+it over its real socket; each synchronises on prompts and deadlines, never
+on sleeps. The test names say the behaviour; the docstrings name the point.
+"""
+import os
+import re
+import signal
+import time
+
+import pytest
+
+from conftest import DEMO, HOST, PS1, TIMEOUT, Client, Timeout, wait_true
+from hardening_util import Reaper, alive
+from session_util import IAC_IP, ExtClient
+
+
+def run_block(c, lines, timeout=TIMEOUT):
+    """Send a compound statement and the empty line that ends it; return
+    its output (str) without the continuation prompts and the next prompt."""
+    c.send("\n".join(lines) + "\n\n")
+    out = c.read_until(PS1, timeout)[:-len(PS1)]
+    prompts = b"... " * len(lines)
+    assert out.startswith(prompts), out
+    return out[len(prompts):].decode("utf-8", "replace")
+
+
+# =============================================================================
+# 3. An interrupted statement leaves tracing working
+# =============================================================================
+
+TRACE_SETUP = [
+    "import sys, pdb, cProfile, pstats",
+    "def k(): return 1",
+    "def tracer(frame, event, arg): events.append(('trace', event, frame.f_code.co_name))",
+    "def profiler(frame, event, arg): events.append(('profile', event, frame.f_code.co_name))",
+]
+
+
+def interrupt_loop(c, how):
+    """Run `while True: pass` and stop it: by Ctrl-C (telnet IAC IP) or by
+    the statement timeout."""
+    c.send("while True: pass\n\n")
+    c.read_until(b"... ")
+    if how == "ctrl-c":
+        c.send(IAC_IP)
+    out = c.read_until(PS1).decode()
+    assert "KeyboardInterrupt" in out or "TimeoutError" in out, out
+
+
+def setup_tracing(c):
+    for line in TRACE_SETUP:
+        if line.startswith("def "):
+            assert run_block(c, [line]) == "", line
+        else:
+            assert c.cmd(line) == "", line
+
+
+def assert_tracing_works(c):
+    setup_tracing(c)
+    # sys.settrace over a call
+    assert c.cmd("events = []; sys.settrace(tracer); r = k(); sys.settrace(None)") == ""
+    assert c.cmd("[e for e in events if e[2] == 'k']") == "[('trace', 'call', 'k')]\n"
+    # sys.setprofile over a call
+    assert c.cmd("events = []; sys.setprofile(profiler); r = k(); sys.setprofile(None)") == ""
+    assert c.cmd("[e for e in events if e[2] == 'k']") == \
+        "[('profile', 'call', 'k'), ('profile', 'return', 'k')]\n"
+    # cProfile
+    out = c.cmd("cProfile.run('k()')")
+    assert "function calls in" in out and "TimeoutError" not in out, out
+    # pdb: `n` over a call, then `s` into one (the commands queued at
+    # once: the non-threaded host reads input only from what is queued)
+    c.send("pdb.run('k()\\nk()')\nn\ns\nc\n")
+    out = c.read_until(PS1)[:-len(PS1)].decode()
+    assert re.search(r"<string>\(1\)<module>\(\)\n\(Pdb\) > <string>\(2\)<module>\(\)\n"
+                     r"\(Pdb\) --Call--\n> \S*<stdin>\S*\(1\)k\(\)\n\(Pdb\) $", out), out
+
+
+@pytest.mark.parametrize("how,mode", [("ctrl-c", "--threaded"), ("timeout", "--threaded"),
+                                      ("timeout", "--no-threaded")])
+def test_tracing_works_after_an_interrupted_statement(start, how, mode):
+    """Point 3: after one interrupted `while True: pass` (Ctrl-C, or the
+    statement timeout), sys.settrace, sys.setprofile, cProfile and pdb's
+    `n`/`s` over a call work as before. On 3.11 they spun until the
+    timeout: cancelling the late interrupt left the eval breaker signalled
+    for the rest of the process."""
+    p = start(DEMO, mode, "--timeout", "5" if how == "ctrl-c" else "3")
+    c = p.client()
+    # everything imported first: under a sanitizer an import is slow, and
+    # the timeout variant has the short timeout for each statement
+    setup_tracing(c)
+    interrupt_loop(c, how)
+    assert_tracing_works(c)
+    # and again, on a second client (another worker, the same process)
+    d = p.client()
+    assert_tracing_works(d)
