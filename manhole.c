@@ -99,7 +99,9 @@
  * process's real one. The sys module gets a ModuleType subclass whose
  * stdout/stderr/stdin/displayhook properties make an assignment on a
  * manhole thread that session's own: the dict, which print() and the
- * interpreter read, keeps the proxies. A client that stops reading makes
+ * interpreter read, keeps the proxies. Only sys has that class:
+ * types.ModuleType stays the plain type, and calling type(sys), as
+ * importlib does for every new module, makes a plain module. A client that stops reading makes
  * its own statement (or thread) wait once max_output bytes are pending;
  * nobody else notices. A client's bytes leave in order whoever sends
  * them: a worker sends only while the host has none of them, and while it
@@ -3526,16 +3528,45 @@ static PyObject *sys_attr_set(PyObject *self, PyObject *args)
 static PyMethodDef sys_get_def = {"sys_get", sys_attr_get, METH_O, NULL};
 static PyMethodDef sys_set_def = {"sys_set", sys_attr_set, METH_VARARGS, NULL};
 
+/* Nothing but sys may see the class: type(sys) is what the standard
+ * library (types.ModuleType, importlib's new modules, runpy, zipimport)
+ * and other code take for "the module type". So types is imported before
+ * sys changes class; calling the class (importlib does type(sys)(name))
+ * makes a plain module; isinstance() and issubclass() against it answer
+ * as for the plain module type; and on any module but sys the properties
+ * are the module's own attributes. */
 static const char sys_class_src[] =
     "def _make(get, set_):\n"
-    "    import sys\n"
+    "    import sys, types\n"
     "    base = type(sys)\n"
+    "    class meta(type):\n"
+    "        def __call__(cls, *a, **k):\n"
+    "            if cls is own:\n"
+    "                return base(*a, **k)\n"
+    "            return type.__call__(cls, *a, **k)\n"
+    "        def __instancecheck__(cls, x):\n"
+    "            return type.__instancecheck__(base if cls is own else cls, x)\n"
+    "        def __subclasscheck__(cls, c):\n"
+    "            return type.__subclasscheck__(base if cls is own else cls, c)\n"
     "    def prop(n):\n"
-    "        return property(lambda self: get(n), lambda self, v: set_(n, v))\n"
+    "        def fget(self):\n"
+    "            if self is sys:\n"
+    "                return get(n)\n"
+    "            try:\n"
+    "                return self.__dict__[n]\n"
+    "            except KeyError:\n"
+    "                raise AttributeError(n) from None\n"
+    "        def fset(self, v):\n"
+    "            if self is sys:\n"
+    "                set_(n, v)\n"
+    "            else:\n"
+    "                self.__dict__[n] = v\n"
+    "        return property(fget, fset)\n"
     "    attrs = {n: prop(n) for n in ('stdout', 'stderr', 'stdin', 'displayhook')}\n"
-    "    attrs['__slots__'] = ()\n"
-    "    cls = type('module', (base,), attrs)\n"
-    "    sys.__class__ = cls\n"
+    "    attrs.update(__slots__=(), __module__='builtins', __qualname__='module',\n"
+    "                 __doc__=base.__doc__)\n"
+    "    own = meta('module', (base,), attrs)\n"
+    "    sys.__class__ = own\n"
     "    return base\n";
 
 /* Give sys its class (on = 1; returns the plain module type to restore),

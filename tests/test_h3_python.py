@@ -95,3 +95,73 @@ def test_tracing_works_after_an_interrupted_statement(start, how, mode):
     # and again, on a second client (another worker, the same process)
     d = p.client()
     assert_tracing_works(d)
+
+
+# =============================================================================
+# 4. Only sys sees the library's module class
+# =============================================================================
+
+def transcript(proc, text):
+    """Send text, half-close, return the whole transcript after the
+    greeting, as the oracle (`python3 -i`) prints it."""
+    c = proc.client()
+    c.send(text)
+    c.shutdown_write()
+    out = c.read_all().decode("utf-8", "replace")
+    c.close()
+    return ">>> " + out
+
+
+def test_modules_and_module_type_are_as_in_python_i(start, sockdir):
+    """Point 4: types.ModuleType, inspect.ismodule(), help() and a module
+    imported after the manhole opened, that has an attribute `stdout` of
+    its own, behave as in `python3 -i` (the library's class for sys used
+    to become types.ModuleType and the class of every new module)."""
+    from conftest import interactive_console
+    (sockdir / "ownstdout.py").write_text("stdout = 'mine'\n")
+    text = "\n".join([
+        "import sys, types, inspect, os, builtins",
+        "sys.path.insert(0, %r)" % str(sockdir),
+        "inspect.ismodule(os), inspect.ismodule(builtins), inspect.ismodule(sys)",
+        "isinstance(builtins, types.ModuleType), type(os) is types.ModuleType",
+        "type(types.ModuleType('x')) is types.ModuleType",
+        "import ownstdout",
+        "type(ownstdout) is types.ModuleType, ownstdout.stdout",
+        "ownstdout.stdout = 'changed'; print('printing still works')",
+        "ownstdout.stdout, vars(ownstdout)['stdout']",
+        "import importlib.util; type(importlib.util.module_from_spec("
+        "importlib.util.find_spec('ownstdout'))) is types.ModuleType",
+        "",
+    ])
+    p = start(DEMO, "--no-banner")
+    assert transcript(p, text) == interactive_console(text)
+
+
+def test_help_describes_modules_and_builtins_in_full(start):
+    """Point 4: help(os) prints the module's documentation (it printed
+    one line), help(len) names a built-in function of module builtins
+    (it said "method of builtins.module instance")."""
+    p = start(DEMO)
+    c = p.client()
+    assert c.cmd("import types, os") == ""
+    out = c.cmd("help(os)")
+    assert out.startswith("Help on module os:\n\nNAME\n    os"), out[:300]
+    assert "FUNCTIONS" in out and len(out.splitlines()) > 100
+    out = c.cmd("help(len)")
+    assert out.startswith("Help on built-in function len in module builtins:\n\nlen(obj, /)")
+    assert "method of" not in out
+
+
+def test_sys_stdout_assignment_is_still_the_sessions_own(start):
+    """Point 4, what must not change: sys (only sys) keeps per-session
+    streams; a subclass of type(sys) is an ordinary module class."""
+    p = start(DEMO)
+    a, b = p.client(), p.client()
+    assert a.cmd("import sys, io, types; f = io.StringIO(); sys.stdout = f") == ""
+    assert b.cmd("print('b sees its own')") == "b sees its own\n"
+    assert a.cmd("print('into f')") == ""
+    assert a.cmd("sys.stdout = sys.__stdout__; f.getvalue()") == "'into f\\n'\n"
+    assert a.cmd("M = type('M', (type(sys),), {'__slots__': ()}); m = M('m')") == ""
+    assert a.cmd("m.stdout = 1; type(m).__name__, m.stdout, isinstance(m, types.ModuleType)") \
+        == "('M', 1, True)\n"
+    assert a.cmd("isinstance(sys, M), isinstance(sys, types.ModuleType)") == "(False, True)\n"
