@@ -67,7 +67,11 @@
  *
  * Signals: workers block every signal (the host's signals stay with the
  * host), but a statement runs with the host thread's mask, so processes
- * and threads it starts get a normal one. A fork() from a statement (or
+ * and threads it starts get a normal one. So does the user's code the
+ * library runs around statements (a completion's __dir__ and properties,
+ * sys.excepthook and the exception's str(), str() of sys.ps1/ps2 and of
+ * sys.exit's argument): it also gets the statement timeout and Ctrl-C,
+ * and outrunning the timeout abandons it as it does a statement. A fork() from a statement (or
  * from a thread one started) gives a child whose handlers are reset to the
  * defaults and which closes every manhole's sockets (a pthread_atfork
  * handler; the registry lists open manholes); when its statement returns
@@ -4381,10 +4385,43 @@ static void session_close(client *c)
     pthread_mutex_unlock(&c->mh->lock);
 }
 
+/* How a client's statement (or what the library ran for it) ended.
+ * RUN_TIMEOUT: code the library ran on the host thread outran the
+ * timeout (reported; the session goes on). */
+enum { RUN_OK, RUN_ABANDONED, RUN_EXIT, RUN_TIMEOUT };
+
+static int guard_begin(worker *w, client *c);
+static int guard_expired(worker *w);
+static int guard_end(worker *w, client *c);
+
+/* str() of a prompt object. A str is taken as it is; anything else is
+ * the user's code, run guarded. NULL: it failed (the default prompt is
+ * shown), or it ran out of time on a worker (*rc is RUN_ABANDONED: the
+ * watchdog showed the prompt). GIL held. */
+static PyObject *prompt_str(worker *w, client *c, PyObject *p, int *rc)
+{
+    *rc = RUN_OK;
+    if (PyUnicode_CheckExact(p)) {
+        Py_INCREF(p);
+        return p;
+    }
+    if (guard_begin(w, c) < 0)
+        return NULL;
+    PyObject *str = PyObject_Str(p);
+    *rc = guard_end(w, c);
+    if (*rc != RUN_OK)
+        Py_CLEAR(str);
+    if (*rc == RUN_TIMEOUT)
+        *rc = RUN_OK; /* (the default prompt follows the report) */
+    PyErr_Clear();
+    return str;
+}
+
 /* The prompt as the interactive interpreter would print it: str(sys.ps1)
  * or str(sys.ps2) when set, else ">>> " / "... ". The text is remembered
- * so the host and the watchdog can show it without the GIL. */
-static void write_prompt(worker *w, client *c, int more)
+ * so the host and the watchdog can show it without the GIL. Returns
+ * RUN_ABANDONED if str() outran the timeout, else RUN_OK. */
+static int write_prompt(worker *w, client *c, int more)
 {
     manhole *mh = c->mh;
     const char *name = more ? "ps2" : "ps1";
@@ -4393,7 +4430,10 @@ static void write_prompt(worker *w, client *c, int more)
     PyObject *str = NULL;
     PyObject *p = PySys_GetObject(name);
     if (p) {
-        str = PyObject_Str(p);
+        int rc;
+        str = prompt_str(w, c, p, &rc);
+        if (rc != RUN_OK)
+            return rc;
         const char *t = str ? PyUnicode_AsUTF8AndSize(str, &n) : NULL;
         if (t)
             s = t;
@@ -4430,17 +4470,48 @@ static void write_prompt(worker *w, client *c, int more)
     c->out_nl = 1; /* what the client types next ends the prompt's line */
     pthread_mutex_unlock(&mh->lock);
     Py_XDECREF(str);
+    return RUN_OK;
+}
+
+/* Hand an exception to sys.excepthook; if the hook fails, show its error
+ * and then the exception plainly, as Python does (unless the hook was
+ * stopped for outrunning the timeout: the watchdog reported that). */
+static void exception_hook(worker *w, PyObject *t, PyObject *v, PyObject *tbo)
+{
+    PyObject *hook = PySys_GetObject("excepthook");
+    PyObject *r = hook ? PyObject_CallFunctionObjArgs(hook, t, v, tbo, NULL) : NULL;
+    if (!r && !(w && guard_expired(w))) {
+        if (PyErr_Occurred()) {
+            PyObject *t2, *v2, *tb2;
+            PyErr_Fetch(&t2, &v2, &tb2);
+            PyErr_NormalizeException(&t2, &v2, &tb2);
+            PyObject *err = PySys_GetObject("stderr");
+            if (err)
+                PyFile_WriteString("Error in sys.excepthook:\n", err);
+            PyErr_Display(t2, v2, tb2);
+            if (err)
+                PyFile_WriteString("\nOriginal exception was:\n", err);
+            Py_XDECREF(t2);
+            Py_XDECREF(v2);
+            Py_XDECREF(tb2);
+        }
+        PyErr_Display(t, v, tbo);
+    }
+    Py_XDECREF(r);
+    PyErr_Clear();
 }
 
 /* Print the pending exception as the interactive interpreter does, through
  * sys.excepthook, to the client's stderr. A syntax error is shown without
- * the compiler's frames, as Python shows it. GIL held. */
-static void show_exception(int syntax)
+ * the compiler's frames, as Python shows it. The hook (and the str() of
+ * the exception) runs as guarded code. Returns RUN_ABANDONED if it outran
+ * the timeout, else RUN_OK. GIL held. */
+static int show_exception(int syntax)
 {
     PyObject *t, *v, *tb;
     PyErr_Fetch(&t, &v, &tb);
     if (!t)
-        return;
+        return RUN_OK;
     PyErr_NormalizeException(&t, &v, &tb);
     if (!v) {
         v = Py_None;
@@ -4463,7 +4534,9 @@ static void show_exception(int syntax)
 #if PY_VERSION_HEX >= 0x030C0000
     PySys_SetObject("last_exc", v);
 #endif
-    client *c = tl_worker ? tl_worker->c : NULL;
+    worker *w = tl_worker;
+    client *c = w ? w->c : NULL;
+    int rc = RUN_OK;
     if (c) { /* the session's own, for pdb.pm() in its next statement */
         PyObject *keep[3] = {t, v, tbo};
         for (int k = 0; k < 3; k++) {
@@ -4471,32 +4544,20 @@ static void show_exception(int syntax)
             Py_XSETREF(c->last_exc[k], keep[k]);
         }
         c->raised = 1;
-    }
-    PyObject *hook = PySys_GetObject("excepthook");
-    PyObject *r = hook ? PyObject_CallFunctionObjArgs(hook, t, v, tbo, NULL) : NULL;
-    if (!r) {
-        /* The hook failed: show its error, then the original, plainly. */
-        if (PyErr_Occurred()) {
-            PyObject *t2, *v2, *tb2;
-            PyErr_Fetch(&t2, &v2, &tb2);
-            PyErr_NormalizeException(&t2, &v2, &tb2);
-            PyObject *err = PySys_GetObject("stderr");
-            if (err)
-                PyFile_WriteString("Error in sys.excepthook:\n", err);
-            PyErr_Display(t2, v2, tb2);
-            if (err)
-                PyFile_WriteString("\nOriginal exception was:\n", err);
-            Py_XDECREF(t2);
-            Py_XDECREF(v2);
-            Py_XDECREF(tb2);
+        if (guard_begin(w, c) == 0) {
+            exception_hook(w, t, v, tbo);
+            rc = guard_end(w, c);
+            if (rc == RUN_TIMEOUT)
+                rc = RUN_OK;
         }
-        PyErr_Display(t, v, tbo);
+    } else {
+        exception_hook(NULL, t, v, tbo);
     }
-    Py_XDECREF(r);
     Py_XDECREF(t);
     Py_XDECREF(v);
     Py_XDECREF(tb);
     PyErr_Clear();
+    return rc;
 }
 
 static void timeout_report(worker *w, client *c)
@@ -4547,18 +4608,10 @@ static int exit_is_quitter(void)
     return quitter;
 }
 
-static void handle_exit(worker *w, client *c, int leave);
-
-/* SystemExit in a client: note the status, end the session. sys.exit(n)
- * is reported to the host; exit() and quit() (leave) end this client's
- * session only, as at end of input. A rich client learns the status
- * either way (X record). GIL held. */
-static void handle_exit(worker *w, client *c, int leave)
+/* The exit status a SystemExit asks for: its code, or for any other
+ * argument 1, the argument printed first, as Python does. */
+static int exit_status(worker *w, client *c, PyObject *v)
 {
-    manhole *mh = c->mh;
-    PyObject *t, *v, *tb;
-    PyErr_Fetch(&t, &v, &tb);
-    PyErr_NormalizeException(&t, &v, &tb);
     int status = 0;
     PyObject *code = v ? PyObject_GetAttrString(v, "code") : NULL;
     PyErr_Clear();
@@ -4571,7 +4624,6 @@ static void handle_exit(worker *w, client *c, int leave)
             }
             status = (int)l;
         } else {
-            /* As Python does: print the argument, exit with status 1. */
             PyObject *s = PyObject_Str(code);
             const char *txt = s ? PyUnicode_AsUTF8(s) : NULL;
             if (txt) {
@@ -4587,9 +4639,33 @@ static void handle_exit(worker *w, client *c, int leave)
         }
     }
     Py_XDECREF(code);
+    return status;
+}
+
+/* SystemExit in a client: note the status, end the session. sys.exit(n)
+ * is reported to the host; exit() and quit() (leave) end this client's
+ * session only, as at end of input. A rich client learns the status
+ * either way (X record). Returns RUN_EXIT; if reading the argument
+ * outran the timeout, the session goes on: RUN_ABANDONED (a worker, see
+ * guard_end()) or RUN_OK. GIL held. */
+static int handle_exit(worker *w, client *c, int leave)
+{
+    manhole *mh = c->mh;
+    PyObject *t, *v, *tb;
+    PyErr_Fetch(&t, &v, &tb);
+    PyErr_NormalizeException(&t, &v, &tb);
+    int status = 0, rc = RUN_OK;
+    if (guard_begin(w, c) == 0) {
+        status = exit_status(w, c, v);
+        rc = guard_end(w, c);
+    }
     Py_XDECREF(t);
     Py_XDECREF(v);
     Py_XDECREF(tb);
+    if (rc == RUN_ABANDONED)
+        return rc;
+    if (rc == RUN_TIMEOUT) /* reported: the session goes on */
+        return RUN_OK;
     if (c->ext) { /* a rich client learns the status before the close */
         char st[24];
         int n = snprintf(st, sizeof st, "%d", status);
@@ -4605,13 +4681,15 @@ static void handle_exit(worker *w, client *c, int leave)
         LOG_LOCKED(mh, MANHOLE_LOG_INFO, "client #%u called sys.exit(%d)", c->id,
                    status);
     pthread_mutex_unlock(&mh->lock);
+    return RUN_EXIT;
 }
 
 static void watchdog_ensure_locked(manhole *mh);
 
 /* Mark the start and end of a running statement; the watchdog watches
- * the deadline in between. */
-static int stmt_begin(worker *w, client *c)
+ * the deadline in between. take_intr: an interrupt the client sent
+ * before it began is for this code (a statement), not for the prompt. */
+static int stmt_begin(worker *w, client *c, int take_intr)
 {
     manhole *mh = c->mh;
     pthread_mutex_lock(&mh->lock);
@@ -4627,7 +4705,7 @@ static int stmt_begin(worker *w, client *c)
     w->user_int = 0;
     w->int_deadline = 0;
     w->deadline = mh->cfg.timeout > 0 ? now_mono() + mh->cfg.timeout : 0;
-    if (c->intr_pending) { /* the client interrupted just before it began */
+    if (take_intr && c->intr_pending) { /* the client interrupted just before it began */
         c->intr_pending = 0;
         w->user_int = 1;
         w->int_deadline = now_mono() + INTERRUPT_GRACE;
@@ -4689,7 +4767,72 @@ static int stmt_end(worker *w)
     return timed_out;
 }
 
-enum { RUN_OK, RUN_ABANDONED, RUN_EXIT };
+/* A statement runs with the host's signal mask (workers block every
+ * signal: the host's signals are the host's), so that the processes and
+ * threads it starts inherit a normal one; so does any Python code the
+ * library runs for a client (guard_begin()). */
+static void mask_for_python(worker *w, client *c)
+{
+    if (!w->is_host)
+        pthread_sigmask(SIG_SETMASK, &c->mh->host_sigmask, NULL);
+}
+
+static void block_signals(void);
+
+static void mask_for_worker(worker *w)
+{
+    if (!w->is_host)
+        block_signals();
+}
+
+/* A child forked by Python code the library ran, back in the library: it
+ * has no manhole to return to (the parent's session goes on there). */
+static void forked_exit(client *c, int ok)
+{
+    if (mh_forked(c->mh)) {
+        PyErr_Clear();
+        _exit(ok ? 0 : 1);
+    }
+}
+
+/* Python code the library runs for a client around its statements (its
+ * sys.excepthook, str() of sys.ps1 or of a SystemExit's argument) follows
+ * a statement's rules: the host's signal mask, the statement timeout
+ * (interrupted, then abandoned as a statement is), output to the client.
+ * Returns -1 when nobody waits for it (the client gone, the manhole
+ * closing): the caller does without. GIL held. */
+static int guard_begin(worker *w, client *c)
+{
+    if (stmt_begin(w, c, 0) < 0)
+        return -1;
+    mask_for_python(w, c);
+    return 0;
+}
+
+/* Has the watchdog found it past its deadline? */
+static int guard_expired(worker *w)
+{
+    pthread_mutex_lock(&w->mh->lock);
+    int r = w->timed_out;
+    pthread_mutex_unlock(&w->mh->lock);
+    return r;
+}
+
+/* The end of guarded code. If it outran the timeout: RUN_ABANDONED on a
+ * worker (the watchdog answered the client, another worker serves it
+ * now), RUN_TIMEOUT on the host thread (reported here). GIL held. */
+static int guard_end(worker *w, client *c)
+{
+    mask_for_worker(w);
+    forked_exit(c, !PyErr_Occurred());
+    if (!stmt_end(w))
+        return RUN_OK;
+    PyErr_Clear();
+    if (!w->is_host)
+        return RUN_ABANDONED;
+    timeout_report(w, c);
+    return RUN_TIMEOUT;
+}
 
 /* Is a statement other than this thread's running? */
 static int others_running(manhole *mh)
@@ -4752,30 +4895,17 @@ static void session_hooks_before(client *c)
 #endif
 }
 
-static void block_signals(void);
-
 static int run_code(worker *w, client *c, PyObject *code, PyObject *src)
 {
     PyObject *ns = c->ns;
-    if (stmt_begin(w, c) < 0)
+    if (stmt_begin(w, c, 1) < 0)
         return RUN_OK;
     session_hooks_before(c);
     Py_INCREF(ns);
-    /* Workers keep every signal blocked (the host's signals are the
-     * host's), but a statement runs with the host's mask: the processes
-     * and threads it starts inherit a normal one. */
-    if (!w->is_host)
-        pthread_sigmask(SIG_SETMASK, &c->mh->host_sigmask, NULL);
+    mask_for_python(w, c);
     PyObject *r = PyEval_EvalCode(code, ns, ns);
-    if (!w->is_host)
-        block_signals();
-    if (mh_forked(c->mh)) {
-        /* A child the statement forked, back from it: it has no manhole
-         * to return to (the parent's session goes on in the parent). */
-        if (!r)
-            PyErr_Clear();
-        _exit(r ? 0 : 1);
-    }
+    mask_for_worker(w);
+    forked_exit(c, r != NULL);
     int timed_out = stmt_end(w);
     Py_DECREF(ns);
     {
@@ -4806,8 +4936,7 @@ static int run_code(worker *w, client *c, PyObject *code, PyObject *src)
         return RUN_OK;
     }
     if (PyErr_ExceptionMatches(PyExc_SystemExit)) {
-        handle_exit(w, c, exit_is_quitter());
-        return RUN_EXIT;
+        return handle_exit(w, c, exit_is_quitter());
     }
 #if PY_VERSION_HEX >= 0x030D0000
     if (src && PyErr_ExceptionMatches(PyExc_SyntaxError)) { /* eval('1 +'), for one */
@@ -4823,8 +4952,7 @@ static int run_code(worker *w, client *c, PyObject *code, PyObject *src)
 #else
     MH_UNUSED(src);
 #endif
-    show_exception(0);
-    return RUN_OK;
+    return show_exception(0);
 }
 
 /* One input line, as code.InteractiveConsole.push() handles it. */
@@ -4832,11 +4960,10 @@ static int session_line(worker *w, client *c, const char *line, size_t len,
                         int prompt)
 {
     if (!c->ns && session_open(c) < 0) {
-        show_exception(0);
+        if (show_exception(0) != RUN_OK)
+            return RUN_ABANDONED;
         client_error_str(w, c, "manhole: cannot start a Python session\n");
-        if (prompt)
-            write_prompt(w, c, 0);
-        return RUN_OK;
+        return prompt ? write_prompt(w, c, 0) : RUN_OK;
     }
     manhole *mh = c->mh;
     if (buf_used(&c->src) + len + 1 > mh->cfg.max_input) {
@@ -4848,9 +4975,7 @@ static int session_line(worker *w, client *c, const char *line, size_t len,
         c->src_compile = 0;
         client_error_str(w, c, msg);
         c->raised = 1;
-        if (prompt)
-            write_prompt(w, c, 0);
-        return RUN_OK;
+        return prompt ? write_prompt(w, c, 0) : RUN_OK;
     }
     if (buf_used(&c->src) > 0)
         buf_add(&c->src, "\n", 1);
@@ -4879,15 +5004,13 @@ static int session_line(worker *w, client *c, const char *line, size_t len,
             c->src_compile = 0;
             client_error_str(w, c, msg);
             c->raised = 1;
-            if (prompt)
-                write_prompt(w, c, 0);
-            return RUN_OK;
+            return prompt ? write_prompt(w, c, 0) : RUN_OK;
         }
     }
     if (!code) {
         buf_clear(&c->src);
         c->src_compile = 0;
-        show_exception(1);
+        rc = show_exception(1);
     } else if (code == Py_None) {
         more = 1;
     } else {
@@ -4904,7 +5027,7 @@ static int session_line(worker *w, client *c, const char *line, size_t len,
     Py_XDECREF(code);
     Py_XDECREF(src);
     if (prompt && rc == RUN_OK)
-        write_prompt(w, c, more);
+        rc = write_prompt(w, c, more);
     return rc;
 }
 
@@ -4915,10 +5038,10 @@ static int session_script(worker *w, client *c, const char *data, size_t len)
     buf_clear(&c->src); /* a half-entered block is dropped */
     c->src_compile = 0;
     if (!c->ns && session_open(c) < 0) {
-        show_exception(0);
+        if (show_exception(0) != RUN_OK)
+            return RUN_ABANDONED;
         client_error_str(w, c, "manhole: cannot start a Python session\n");
-        write_prompt(w, c, 0);
-        return RUN_OK;
+        return write_prompt(w, c, 0);
     }
     const char *nl = memchr(data, '\n', len);
     size_t fl = nl ? (size_t)(nl - data) : 0;
@@ -4936,7 +5059,7 @@ static int session_script(worker *w, client *c, const char *data, size_t len)
         PyCompilerFlags cf = {0, PY_MINOR_VERSION};
         PyObject *code = Py_CompileStringObject(src, fname, Py_file_input, &cf, -1);
         if (!code)
-            show_exception(1);
+            rc = show_exception(1);
         else
             rc = run_code(w, c, code, NULL);
         Py_XDECREF(code);
@@ -4944,7 +5067,7 @@ static int session_script(worker *w, client *c, const char *data, size_t len)
     free(src);
     Py_XDECREF(fname);
     if (rc == RUN_OK)
-        write_prompt(w, c, 0);
+        rc = write_prompt(w, c, 0);
     return rc;
 }
 
@@ -4961,8 +5084,7 @@ static int session_record(worker *w, client *c, int kind, const char *data,
         client_error(w, c, m.p, m.len);
         buf_free(&m);
         c->raised = 1;
-        write_prompt(w, c, 0);
-        return RUN_OK;
+        return write_prompt(w, c, 0);
     }
     if (kind == REC_HELLO) {
         /* The extended channel from here on; the prompt again, as a
@@ -4972,8 +5094,7 @@ static int session_record(worker *w, client *c, int kind, const char *data,
         pthread_mutex_unlock(&c->mh->lock);
         client_record(w, c, 'H', "1", 1);
         c->raised = -1;
-        write_prompt(w, c, buf_used(&c->src) > 0);
-        return RUN_OK;
+        return write_prompt(w, c, buf_used(&c->src) > 0);
     }
     if (kind == REC_SCRIPT)
         return session_script(w, c, data, len);
@@ -4994,7 +5115,7 @@ static int session_record(worker *w, client *c, int kind, const char *data,
             buf_clear(&c->src);
             c->src_compile = 0;
             if (PyErr_Occurred())
-                show_exception(1);
+                rc = show_exception(1);
         }
         if (rc != RUN_EXIT) { /* (an abandoned one was answered already) */
             pthread_mutex_lock(&c->mh->lock);
@@ -5098,6 +5219,27 @@ static int direct_ok_locked(worker *w, client *c)
            !mh->jq_head && mh->nworkers - mh->nidle <= 1 && !mh->stopping;
 }
 
+/* The watchdog gave the client to somebody else while w ran its code
+ * (a statement, or what the library ran for it): the job ends here. Lock
+ * held on entry, released on return. */
+static void job_abandoned_locked(worker *w, client *c)
+{
+    manhole *mh = c->mh;
+    LOG_LOCKED(mh, MANHOLE_LOG_INFO, "client #%u: timed-out statement ended", c->id);
+    w->c = NULL;
+    if (c->dead && c->has_session && !c->busy) {
+        /* Gone while we were stuck, and nobody else has it: the session
+         * is ours to release. */
+        c->busy = 1;
+        pthread_mutex_unlock(&mh->lock);
+        session_close(c);
+        pthread_mutex_lock(&mh->lock);
+        c->busy = 0;
+    }
+    client_unref_locked(c);
+    pthread_mutex_unlock(&mh->lock);
+}
+
 /* Run a client's queued input: one statement at a time, handing the
  * client back to the queue when others are waiting. GIL held. The job's
  * reference to c is dropped here, unless c is returned: then its output
@@ -5129,21 +5271,7 @@ again:
         buf_shrink_if_empty(&w->rec);
         pthread_mutex_lock(&mh->lock);
         if (rc == RUN_ABANDONED) {
-            /* The watchdog gave the client to somebody else. */
-            LOG_LOCKED(mh, MANHOLE_LOG_INFO,
-                       "client #%u: timed-out statement ended", c->id);
-            w->c = NULL;
-            if (c->dead && c->has_session && !c->busy) {
-                /* Gone while we were stuck, and nobody else has it: the
-                 * session is ours to release. */
-                c->busy = 1;
-                pthread_mutex_unlock(&mh->lock);
-                session_close(c);
-                pthread_mutex_lock(&mh->lock);
-                c->busy = 0;
-            }
-            client_unref_locked(c);
-            pthread_mutex_unlock(&mh->lock);
+            job_abandoned_locked(w, c);
             return NULL;
         }
         if (mh->jq_head && buf_used(&c->inq) >= 5) {
@@ -5160,8 +5288,12 @@ again:
         buf_clear(&c->src);
         c->src_compile = 0;
         client_error_str(w, c, "\nKeyboardInterrupt\n");
-        write_prompt(w, c, 0);
+        int rc = write_prompt(w, c, 0);
         pthread_mutex_lock(&mh->lock);
+        if (rc == RUN_ABANDONED) {
+            job_abandoned_locked(w, c);
+            return NULL;
+        }
         goto again; /* lines that came meanwhile found the client busy */
     }
     c->runner = NULL;
@@ -5263,7 +5395,7 @@ static void cjob_free_locked(cjob *j);
 
 /* Answer a completion request: rlcompleter over the client's namespace
  * (or the manhole's, before its first statement), under the statement
- * timeout, its output dropped. GIL held. */
+ * timeout and with its signal mask, its output dropped. GIL held. */
 static void run_completion(worker *w, cjob *j)
 {
     client *c = j->c;
@@ -5289,7 +5421,10 @@ static void run_completion(worker *w, cjob *j)
     if (!skip) {
         PyObject *ns = c->ns ? c->ns : mh->ns;
         Py_INCREF(ns);
+        mask_for_python(w, c); /* (__dir__ and properties are the user's code) */
         r = PyObject_CallFunction(mh->complete_fn, "Os", ns, j->text);
+        mask_for_worker(w);
+        forked_exit(c, r != NULL);
         Py_DECREF(ns);
         int timed_out = stmt_end(w);
         pthread_mutex_lock(&mh->lock);

@@ -165,3 +165,133 @@ def test_sys_stdout_assignment_is_still_the_sessions_own(start):
     assert a.cmd("m.stdout = 1; type(m).__name__, m.stdout, isinstance(m, types.ModuleType)") \
         == "('M', 1, True)\n"
     assert a.cmd("isinstance(sys, M), isinstance(sys, types.ModuleType)") == "(False, True)\n"
+
+
+# =============================================================================
+# 12. Code the library runs outside a statement follows a statement's rules
+# =============================================================================
+
+@pytest.fixture
+def rstart(start):
+    """conftest's start(), and whatever the hosts' Python spawned is
+    killed (SIGKILL, by pid) before the hosts are stopped."""
+    reaper = Reaper()
+
+    def _start(*a, **kw):
+        return reaper.host(start(*a, **kw))
+
+    yield _start
+    reaper.reap()
+
+
+SPAWN = ("def spawn(): pids.append(subprocess.Popen(['sleep', '120'], stdin=subprocess.DEVNULL, "
+         "stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).pid)")
+
+
+def ext_block(c, lines):
+    """ExtClient: a compound statement, line by line, and the empty line
+    that ends it; returns the output."""
+    for line in lines:
+        out, _, prompt = c.statement(line)
+        assert out == "" and prompt.payload == b"2... ", (out, prompt)
+    return c.statement("")[0]
+
+
+def blocked_signals(pid):
+    with open("/proc/%d/status" % pid) as f:
+        return int(re.search(r"^SigBlk:\s*([0-9a-f]+)$", f.read(), re.M).group(1), 16)
+
+
+def assert_terminates(pid):
+    """The process has no signal blocked, and SIGTERM ends it."""
+    assert blocked_signals(pid) == 0, "SigBlk %x" % blocked_signals(pid)
+    os.kill(pid, signal.SIGTERM)
+    wait_true(lambda: not alive(pid), what="pid %d gone after SIGTERM" % pid)
+
+
+def spawned_pid(c, cmd=None):
+    out = c.cmd(cmd or "pids[-1]")
+    return int(out)
+
+
+@pytest.mark.parametrize("where", ["completion", "excepthook", "ps1", "exit"])
+def test_processes_started_outside_a_statement_get_a_normal_signal_mask(rstart, where):
+    """Point 12: a process started by __dir__ during completion, by a
+    sys.excepthook, by str() of sys.ps1 or of a SystemExit's argument
+    inherits the host's signal mask, as one a statement starts does (it
+    inherited a mask with every signal blocked, and survived SIGTERM)."""
+    p = rstart(DEMO)
+    c = ExtClient.unix(p.unix_path)
+    for line in ["import subprocess, sys", "pids = []"]:
+        assert c.statement(line)[0] == "", line
+    assert ext_block(c, [SPAWN]) == ""
+    if where == "completion":
+        ext_block(c, ["class D:", "    def __dir__(self):", "        spawn(); return ['spawned']"])
+        c.statement("d = D()")
+        assert c.complete("d.sp") == (4, ["d.spawned"])
+    elif where == "excepthook":
+        c.statement("sys.excepthook = lambda *a: spawn()")
+        assert c.statement("1/0")[1] == "1"
+        c.statement("sys.excepthook = sys.__excepthook__")
+    elif where == "ps1":
+        ext_block(c, ["class P:", "    def __str__(self):", "        spawn(); return '>>> '"])
+        c.statement("sys.ps1 = P()")
+        c.statement("sys.ps1 = '>>> '")
+    else:
+        ext_block(c, ["class X:", "    def __str__(self):", "        spawn(); return 'bye'"])
+        c.line("exit(X())")  # (sys.exit would stop the demo)
+        c.read_to_eof()
+        c = ExtClient.unix(p.unix_path)
+    out, status, _ = c.statement("pids")
+    pids = [int(x) for x in re.findall(r"\d+", out)]
+    assert pids, out
+    for pid in pids:
+        assert_terminates(pid)
+
+
+LOOP_FOREVER = ["    def __str__(self):", "        while True: pass"]
+
+
+@pytest.mark.parametrize("mode", ["--threaded", "--no-threaded"])
+@pytest.mark.parametrize("where", ["excepthook", "exception-str", "ps1", "exit"])
+def test_code_run_outside_a_statement_obeys_the_statement_timeout(start, mode, where):
+    """Point 12 (sweep): a sys.excepthook, an exception's __str__, str()
+    of sys.ps1 or of a SystemExit's argument that loops forever is
+    interrupted at the statement timeout, as a statement is, and the
+    session goes on (it held its worker forever)."""
+    p = start(DEMO, mode, "--timeout", "2")
+    c = p.client()
+    assert c.cmd("import sys") == ""
+    if where == "excepthook":
+        assert c.cmd("sys.excepthook = lambda *a: [0 for _ in iter(int, 1)]") == ""
+        out = c.cmd("1/0")
+    elif where == "exception-str":
+        assert run_block(c, ["class E(Exception):"] + LOOP_FOREVER) == ""
+        out = c.cmd("raise E")
+    elif where == "ps1":
+        assert run_block(c, ["class P:"] + LOOP_FOREVER) == ""
+        out = c.cmd("sys.ps1 = P()")
+    else:
+        assert run_block(c, ["class X:"] + LOOP_FOREVER) == ""
+        out = c.cmd("sys.exit(X())")
+    assert "TimeoutError: statement timed out after 2 seconds" in out, out
+    # the session goes on, and so do others
+    assert c.cmd("sys.excepthook = sys.__excepthook__; sys.ps1 = '>>> '") == ""
+    assert c.cmd("6 * 7") == "42\n"
+    assert p.client().cmd("'other'") == "'other'\n"
+
+
+def test_ctrl_c_interrupts_a_looping_excepthook(start):
+    """Point 12 (sweep): Ctrl-C reaches a sys.excepthook that loops, as it
+    reaches a statement, even with no timeout."""
+    p = start(DEMO, "--timeout", "0")
+    c = ExtClient.unix(p.unix_path)
+    c.statement("import sys")
+    c.statement("sys.excepthook = lambda *a: (print('in the hook'), [0 for _ in iter(int, 1)])")
+    c.line("1/0")
+    c.until_output("in the hook")
+    c.interrupt()
+    out, status, prompt = c.wait_prompt()
+    assert "KeyboardInterrupt" in out, out
+    c.statement("sys.excepthook = sys.__excepthook__")
+    assert c.statement("6 * 7")[0] == "42\n"
