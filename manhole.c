@@ -4016,7 +4016,9 @@ static const char stacks_src[] =
     "        out = sys.stdout if file is None else file\n"
     "        names = {t.ident: t.name for t in threading.enumerate()}\n"
     "        for ident, label in _names().items():\n"
-    "            names[ident] = '%s, %s' % (names[ident], label) if ident in names else label\n"
+    "            known = names.get(ident)\n"
+    "            same = known is not None and label.startswith(known)\n"
+    "            names[ident] = '%s, %s' % (known, label) if known and not same else label\n"
     "        here = threading.get_ident()\n"
     "        frames = sys._current_frames()\n"
     "        frames[here] = sys._getframe(1)  # from the caller, not stacks()\n"
@@ -4042,6 +4044,8 @@ static PyObject *thread_names(PyObject *self, PyObject *noargs)
     pthread_mutex_lock(&mh->lock);
     for (worker *w = mh->workers; w; w = w->next) {
         char name[64];
+        if (w->exited) /* (not reaped yet) */
+            continue;
         if (w->c)
             snprintf(name, sizeof name, "manhole worker %d (client #%u)",
                      w->index, w->c->id);
@@ -4094,7 +4098,8 @@ out:
 /* ---- What the interactive loop does that codeop does not ----------- */
 
 /* Python glue, one per interpreter (kept in the support module):
- * syntax_error() reports an error as the interactive loop does; on 3.13+
+ * syntax_error() reports an error as the interactive loop does;
+ * thread_exit() takes an ending worker out of threading's registry; on 3.13+
  * compile_numbered() and forget() give statements the "<stdin>-N" names
  * and linecache entries that 3.13's loop gives them. */
 static const char glue_src[] =
@@ -4130,6 +4135,20 @@ static const char glue_src[] =
     "    if sys.version_info >= (3, 10) and err.text and err.text.endswith('\\n'):\n"
     "        err.text = err.text[:-1]  # as the 3.10+ tokenizer keeps it\n"
     "    return err\n"
+    "def thread_exit():\n"
+    "    # A worker is a C thread: once its code asked threading who it is\n"
+    "    # (current_thread(): logging does, and so does naming the worker),\n"
+    "    # threading registered a _DummyThread for it, which it keeps after\n"
+    "    # the thread ends (before 3.13): an exited worker stayed in\n"
+    "    # threading.enumerate() and stacks(), and a thread that got its\n"
+    "    # ident later took its entry over. It goes with the worker.\n"
+    "    threading = sys.modules.get('threading')\n"
+    "    if threading is None:\n"
+    "        return\n"
+    "    ident = threading.get_ident()\n"
+    "    with threading._active_limbo_lock:\n"
+    "        if isinstance(threading._active.get(ident), threading._DummyThread):\n"
+    "            del threading._active[ident]\n"
     "count = 0\n"
     "recent = []\n"
     "def fix_text(err, source):\n"
@@ -5571,6 +5590,16 @@ static void spin_for_job(manhole *mh, unsigned seq)
         cpu_relax();
 }
 
+/* The ending worker leaves threading's registry (glue's thread_exit()).
+ * GIL held. */
+static void thread_forget(manhole *mh)
+{
+    PyObject *fn = mh->glue ? PyDict_GetItemString(mh->glue, "thread_exit") : NULL;
+    PyObject *r = fn ? PyObject_CallObject(fn, NULL) : NULL;
+    Py_XDECREF(r);
+    PyErr_Clear();
+}
+
 static void *worker_main(void *arg)
 {
     worker *w = arg;
@@ -5656,6 +5685,7 @@ gone:
     pthread_mutex_unlock(&mh->lock);
     tl_worker = NULL;
     PyEval_RestoreThread(ts);
+    thread_forget(mh);
     PyGILState_Release(g);
     pthread_mutex_lock(&mh->lock);
     w->exited = 1;

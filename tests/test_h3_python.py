@@ -295,3 +295,51 @@ def test_ctrl_c_interrupts_a_looping_excepthook(start):
     assert "KeyboardInterrupt" in out, out
     c.statement("sys.excepthook = sys.__excepthook__")
     assert c.statement("6 * 7")[0] == "42\n"
+
+
+# =============================================================================
+# 14. Exited workers leave threading's registry; names are unique
+# =============================================================================
+
+def thread_comms(pid):
+    """{tid: name} of a process's live threads."""
+    out = {}
+    for tid in os.listdir("/proc/%d/task" % pid):
+        try:
+            with open("/proc/%d/task/%s/comm" % (pid, tid)) as f:
+                out[int(tid)] = f.read().strip()
+        except OSError:
+            pass  # it just ended
+    return out
+
+
+def test_exited_workers_vanish_from_threading_and_stacks(start):
+    """Point 14: workers that ended (here: abandoned ones that come back
+    to a full pool and leave) are not listed by threading.enumerate() or
+    stacks(), and no thread's name is doubled (13 listed for 3 alive,
+    'manhole worker 15, manhole worker 15')."""
+    p = start(HOST, "--shared", "--max-workers", "1", "--timeout", "1")
+    pid = p.p.pid
+    a, b = p.client(), p.client()
+    assert a.cmd("import threading, logging; ev = threading.Event()") == ""
+    for i in range(1, 4):
+        # a's statement outruns the timeout: its worker is abandoned, b's
+        # statements get a new one; once the old one's wait ends it finds
+        # the pool full, and exits
+        assert "TimeoutError" in a.cmd("logging.getLogger().name; ev.wait()")
+        assert b.cmd("ev.set(); ev.clear()") == ""
+        wait_true(lambda: "manhole-w%d" % i not in thread_comms(pid).values(),
+                  what="worker %d gone" % i)
+    live = thread_comms(pid)
+    out = b.cmd("[(t.name, t.native_id) for t in threading.enumerate()]")
+    listed = eval(out)
+    names = [n for n, _ in listed]
+    assert len(set(names)) == len(names), names
+    assert all(tid in live for _, tid in listed), (listed, live)
+    assert not any(n in ("manhole worker 1", "manhole worker 2", "manhole worker 3")
+                   for n in names), names
+    out = b.cmd("stacks()")
+    labels = re.findall(r"^Thread '([^']*)' \(ident \d+\)", out, re.M)
+    assert not any(re.search(r"manhole worker (\d+)\b.*manhole worker \1\b", n) for n in labels), labels
+    assert not any(re.search(r"manhole worker [123]\b", n) for n in labels), labels
+    assert len(labels) == len(set(labels)) == len(listed), (labels, listed)
