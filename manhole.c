@@ -95,8 +95,10 @@
  * sys.displayhook are replaced once per process by small C proxies that
  * look at thread-local pointers: on a thread that runs a manhole statement,
  * or one such a statement started (its function is wrapped when
- * _thread starts it), output goes to that client's buffer; on any other
- * thread (the host's own) it goes to the original stream. So many clients
+ * _thread starts it), or a ThreadPoolExecutor task one submitted (its
+ * function is wrapped by submit()), output goes to that client's buffer;
+ * on any other thread (the host's own) it goes to the original stream.
+ * So many clients
  * run at once and each sees exactly its own output, while the host's output
  * is never captured. On a manhole thread a proxy is a complete stream of
  * its client (buffer, iteration, readlines) and never reaches the
@@ -658,6 +660,7 @@ struct manhole {
     PyObject *glue;         /* the support module's glue (make_glue) */
     PyObject *complete_fn;  /* (namespace, text) -> (n, candidates) */
     PyObject *noop;         /* lambda: None */
+    PyObject *pool_mod;     /* concurrent.futures.thread, once patched */
     unsigned long host_py_tid; /* Python's id for the thread that opened */
 
     char errmsg[512];
@@ -3662,28 +3665,39 @@ static PyType_Slot target_slots[] = {{Py_tp_dealloc, MH_FN(target_dealloc)},
 static PyType_Spec target_spec = {"_manhole.ThreadTarget", sizeof(TargetObject), 0,
                                   Py_TPFLAGS_DEFAULT, target_slots};
 
+/* fn, to be called once on c's behalf (c NULL: on nobody's). */
+static PyObject *target_new(client *c, PyObject *fn)
+{
+    PyObject *mod = PyDict_GetItemString(PyImport_GetModuleDict(), "_manhole");
+    PyObject *type = mod ? PyObject_GetAttrString(mod, "ThreadTarget") : NULL;
+    PyObject *t = type ? new_of(type) : NULL;
+    Py_XDECREF(type);
+    if (!t)
+        return NULL;
+    TargetObject *to = (TargetObject *)t;
+    to->fn = fn;
+    Py_INCREF(fn);
+    if (c) {
+        pthread_mutex_lock(&c->mh->lock);
+        c->refs++;
+        c->mh->nbound++;
+        to->c = c;
+        pthread_mutex_unlock(&c->mh->lock);
+    }
+    return t;
+}
+
 static PyObject *start_thread(PyObject *orig, PyObject *args, PyObject *kw)
 {
     client *c = current_client();
     if (!c || completing() || PyTuple_GET_SIZE(args) < 1)
         return PyObject_Call(orig, args, kw);
-    PyObject *mod = PyDict_GetItemString(PyImport_GetModuleDict(), "_manhole");
-    PyObject *type = mod ? PyObject_GetAttrString(mod, "ThreadTarget") : NULL;
-    PyObject *t = type ? new_of(type) : NULL;
-    Py_XDECREF(type);
+    PyObject *t = target_new(c, PyTuple_GET_ITEM(args, 0));
     PyObject *nargs = t ? PyTuple_GetSlice(args, 0, PyTuple_GET_SIZE(args)) : NULL;
     if (!nargs) {
         Py_XDECREF(t);
         return NULL;
     }
-    TargetObject *to = (TargetObject *)t;
-    to->fn = PyTuple_GET_ITEM(args, 0);
-    Py_INCREF(to->fn);
-    pthread_mutex_lock(&c->mh->lock);
-    c->refs++;
-    c->mh->nbound++;
-    to->c = c;
-    pthread_mutex_unlock(&c->mh->lock);
     Py_DECREF(PyTuple_GET_ITEM(nargs, 0));
     PyTuple_SET_ITEM(nargs, 0, t); /* steals t */
     PyObject *r = PyObject_Call(orig, nargs, kw);
@@ -3725,6 +3739,84 @@ static void threads_wrap(PyObject *mod, int on)
         PyErr_Clear();
     }
     MH_UNUSED(mod);
+}
+
+/* A thread pool's thread runs the tasks of whoever submits them, not only
+ * of the client whose statement started it: ThreadPoolExecutor.submit is
+ * wrapped (once concurrent.futures.thread is imported) so that each task
+ * runs bound to its submitter (bind_task()), and a task the host's own
+ * threads submit runs bound to nobody, on a pool thread a client started
+ * too. (submit() copies no contextvars before 3.14, so the binding goes
+ * with the task itself.) */
+static PyObject *bind_task(PyObject *self, PyObject *fn)
+{
+    MH_UNUSED(self);
+    client *c = current_client();
+    return target_new(c && !completing() ? c : NULL, fn);
+}
+
+static PyMethodDef bind_task_def = {"bind_task", bind_task, METH_O, NULL};
+
+static const char pool_src[] =
+    "def _make(bind):\n"
+    "    import sys\n"
+    "    def patch():\n"
+    "        mod = sys.modules.get('concurrent.futures.thread')\n"
+    "        cls = getattr(mod, 'ThreadPoolExecutor', None)\n"
+    "        orig = getattr(cls, '__dict__', {}).get('submit')\n"
+    "        if orig is None or hasattr(orig, '_manhole_orig'):\n"
+    "            return\n"
+    "        def submit(self, fn, /, *args, **kwargs):\n"
+    "            return orig(self, bind(fn), *args, **kwargs)\n"
+    "        for a in ('__module__', '__name__', '__qualname__', '__doc__'):\n"
+    "            setattr(submit, a, getattr(orig, a))\n"
+    "        submit.__wrapped__ = submit._manhole_orig = orig\n"
+    "        cls.submit = submit\n"
+    "    def unpatch():\n"
+    "        mod = sys.modules.get('concurrent.futures.thread')\n"
+    "        cls = getattr(mod, 'ThreadPoolExecutor', None)\n"
+    "        orig = getattr(getattr(cls, 'submit', None), '_manhole_orig', None)\n"
+    "        if orig is not None:\n"
+    "            cls.submit = orig\n"
+    "    return patch, unpatch\n";
+
+static PyObject *make_from_source(const char *src, PyObject *arg);
+
+/* Make the support module's pool_patch and pool_unpatch (first user). */
+static int pools_prepare(PyObject *mod)
+{
+    PyObject *bind = PyCFunction_New(&bind_task_def, NULL);
+    PyObject *fns = bind ? make_from_source(pool_src, bind) : NULL;
+    Py_XDECREF(bind);
+    int ok = fns && PyTuple_Check(fns) && PyTuple_GET_SIZE(fns) == 2 &&
+             PyObject_SetAttrString(mod, "pool_patch", PyTuple_GET_ITEM(fns, 0)) == 0 &&
+             PyObject_SetAttrString(mod, "pool_unpatch", PyTuple_GET_ITEM(fns, 1)) == 0;
+    Py_XDECREF(fns);
+    return ok ? 0 : -1;
+}
+
+/* Before a statement: a concurrent.futures.thread imported since the
+ * last look gets its submit() wrapped. GIL held. */
+static void pools_follow_submitter(manhole *mh)
+{
+    PyObject *modules = PyImport_GetModuleDict();
+    PyObject *m = PyDict_GetItemString(modules, "concurrent.futures.thread");
+    if (!m || m == mh->pool_mod)
+        return;
+    PyObject *mod = PyDict_GetItemString(modules, "_manhole");
+    PyObject *r = mod ? PyObject_CallMethod(mod, "pool_patch", NULL) : NULL;
+    Py_XDECREF(r);
+    PyErr_Clear();
+    Py_INCREF(m);
+    Py_XSETREF(mh->pool_mod, m);
+}
+
+/* The last user: submit() as it was. GIL held. */
+static void pools_restore(PyObject *mod)
+{
+    PyObject *r = PyObject_CallMethod(mod, "pool_unpatch", NULL);
+    Py_XDECREF(r);
+    PyErr_Clear();
 }
 
 /* ---- Completion ------------------------------------------------------- */
@@ -3931,7 +4023,7 @@ static PyObject *support_acquire(int python_started_here, PyThreadState *ts)
             goto fail;
         PySys_SetObject("displayhook", hook);
         PyModule_AddObject(mod, "displayhook", hook);
-        if (sys_class(mod, 1) < 0)
+        if (sys_class(mod, 1) < 0 || pools_prepare(mod) < 0)
             goto fail;
     }
     PyObject *nu = PyLong_FromLong(users + 1);
@@ -3975,6 +4067,7 @@ static int support_release(PyThreadState **ts)
             Py_XDECREF(p);
         }
         threads_wrap(mod, 0);
+        pools_restore(mod);
         sys_class(mod, 0);
         PyObject *hook = PyObject_GetAttrString(mod, "displayhook");
         if (hook && PySys_GetObject("displayhook") == hook)
@@ -4901,9 +4994,11 @@ static void session_hooks_after(client *c)
     PyErr_Clear();
 }
 
-/* Before a statement: sys.last_* are the session's own (pdb.pm()). */
+/* Before a statement: sys.last_* are the session's own (pdb.pm()); a
+ * thread pool's tasks will write to whoever submits them. */
 static void session_hooks_before(client *c)
 {
+    pools_follow_submitter(c->mh);
     if (!c->last_exc[1])
         return;
     PySys_SetObject("last_type", c->last_exc[0]);
@@ -7363,6 +7458,7 @@ void manhole_close(manhole *mh)
     Py_CLEAR(mh->glue);
     Py_CLEAR(mh->complete_fn);
     Py_CLEAR(mh->noop);
+    Py_CLEAR(mh->pool_mod);
     PyThreadState *main_ts = NULL;
     if (support_release(&main_ts)) {
         if (PyThreadState_Get() != main_ts) {

@@ -343,3 +343,28 @@ def test_exited_workers_vanish_from_threading_and_stacks(start):
     assert not any(re.search(r"manhole worker (\d+)\b.*manhole worker \1\b", n) for n in labels), labels
     assert not any(re.search(r"manhole worker [123]\b", n) for n in labels), labels
     assert len(labels) == len(set(labels)) == len(listed), (labels, listed)
+
+
+# =============================================================================
+# 13. A thread pool's task writes to whoever submitted it
+# =============================================================================
+
+def test_thread_pool_task_output_goes_to_the_submitting_client(start):
+    """Point 13: in a shared namespace A's ThreadPoolExecutor (its thread
+    started by A's statement) runs B's task: B's print reaches B, not A,
+    and still B after A has left (it went to the host's stdout)."""
+    p = start(DEMO, "--shared")
+    a, b = p.client(), p.client()
+    assert a.cmd("import concurrent.futures as cf, threading") == ""
+    assert a.cmd("ex = cf.ThreadPoolExecutor(max_workers=1)") == ""
+    assert a.cmd("ex.submit(print, 'from A').result()") == "from A\n"
+    assert b.cmd("ex.submit(print, 'from B').result()") == "from B\n"
+    assert a.cmd("'A sees nothing of B'") == "'A sees nothing of B'\n"
+    a.send("exit()\n")
+    a.read_all()
+    assert b.cmd("ex.submit(print, 'B again').result()") == "B again\n"
+    # a task a task submits is the same client's
+    assert b.cmd("ex.submit(lambda: ex.submit(print, 'nested')).result().result()") == "nested\n"
+    assert b.cmd("ex.shutdown(wait=True)") == ""
+    p.stop()
+    assert "from B" not in p.out and "B again" not in p.out
