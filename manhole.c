@@ -4482,15 +4482,25 @@ fail:
     return -1;
 }
 
-/* GIL held. */
+static void mask_for_python(worker *w, client *c);
+static void mask_for_worker(worker *w);
+
+/* Dropping the session runs its objects' finalizers (__del__, weakref
+ * callbacks): on a worker, with the host's signal mask, as a statement.
+ * GIL held. */
 static void session_close(client *c)
 {
+    worker *w = tl_worker;
+    if (w)
+        mask_for_python(w, c);
     Py_CLEAR(c->ns);
     Py_CLEAR(c->compiler);
     for (int k = 0; k < SYS_N; k++)
         Py_CLEAR(c->over[k]);
     for (int k = 0; k < 3; k++)
         Py_CLEAR(c->last_exc[k]);
+    if (w)
+        mask_for_worker(w);
     buf_free(&c->src);
     pthread_mutex_lock(&c->mh->lock);
     c->has_session = 0;

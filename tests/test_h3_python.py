@@ -249,6 +249,24 @@ def test_processes_started_outside_a_statement_get_a_normal_signal_mask(rstart, 
         assert_terminates(pid)
 
 
+def test_process_started_by_a_finalizer_at_session_end_gets_a_normal_signal_mask(rstart):
+    """Point 12 (sweep): what the session held is released when its
+    client leaves, on a worker: a finalizer that starts a process there
+    gives it the host's signal mask too."""
+    p = rstart(DEMO)
+    c = ExtClient.unix(p.unix_path)
+    for line in ["import subprocess, sys", "pids = []"]:
+        assert c.statement(line)[0] == "", line
+    assert ext_block(c, [SPAWN]) == ""
+    ext_block(c, ["class Sink:", "    def write(self, s): return len(s)",
+                  "    def __del__(self): spawn()"])
+    c.statement("sys.stdout = Sink(); del Sink")  # the session holds the only one
+    c.close()
+    d = p.client()
+    wait_true(lambda: d.cmd("len(pids)") == "1\n", what="the finalizer ran")
+    assert_terminates(int(d.cmd("pids[0]")))
+
+
 LOOP_FOREVER = ["    def __str__(self):", "        while True: pass"]
 
 
