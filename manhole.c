@@ -67,7 +67,11 @@
  *
  * Signals: workers block every signal (the host's signals stay with the
  * host), but a statement runs with the host thread's mask, so processes
- * and threads it starts get a normal one. A fork() from a statement (or
+ * and threads it starts get a normal one. So does the user's code the
+ * library runs around statements (a completion's __dir__ and properties,
+ * sys.excepthook and the exception's str(), str() of sys.ps1/ps2 and of
+ * sys.exit's argument): it also gets the statement timeout and Ctrl-C,
+ * and outrunning the timeout abandons it as it does a statement. A fork() from a statement (or
  * from a thread one started) gives a child whose handlers are reset to the
  * defaults and which closes every manhole's sockets (a pthread_atfork
  * handler; the registry lists open manholes); when its statement returns
@@ -91,15 +95,19 @@
  * sys.displayhook are replaced once per process by small C proxies that
  * look at thread-local pointers: on a thread that runs a manhole statement,
  * or one such a statement started (its function is wrapped when
- * _thread starts it), output goes to that client's buffer; on any other
- * thread (the host's own) it goes to the original stream. So many clients
+ * _thread starts it), or a ThreadPoolExecutor task one submitted (its
+ * function is wrapped by submit()), output goes to that client's buffer;
+ * on any other thread (the host's own) it goes to the original stream.
+ * So many clients
  * run at once and each sees exactly its own output, while the host's output
  * is never captured. On a manhole thread a proxy is a complete stream of
  * its client (buffer, iteration, readlines) and never reaches the
  * process's real one. The sys module gets a ModuleType subclass whose
  * stdout/stderr/stdin/displayhook properties make an assignment on a
  * manhole thread that session's own: the dict, which print() and the
- * interpreter read, keeps the proxies. A client that stops reading makes
+ * interpreter read, keeps the proxies. Only sys has that class:
+ * types.ModuleType stays the plain type, and calling type(sys), as
+ * importlib does for every new module, makes a plain module. A client that stops reading makes
  * its own statement (or thread) wait once max_output bytes are pending;
  * nobody else notices. A client's bytes leave in order whoever sends
  * them: a worker sends only while the host has none of them, and while it
@@ -683,6 +691,7 @@ struct manhole {
     PyObject *glue;         /* the support module's glue (make_glue) */
     PyObject *complete_fn;  /* (namespace, text) -> (n, candidates) */
     PyObject *noop;         /* lambda: None */
+    PyObject *pool_mod;     /* concurrent.futures.thread, once patched */
     unsigned long host_py_tid; /* Python's id for the thread that opened */
 
     char errmsg[512];
@@ -3684,16 +3693,45 @@ static PyObject *sys_attr_set(PyObject *self, PyObject *args)
 static PyMethodDef sys_get_def = {"sys_get", sys_attr_get, METH_O, NULL};
 static PyMethodDef sys_set_def = {"sys_set", sys_attr_set, METH_VARARGS, NULL};
 
+/* Nothing but sys may see the class: type(sys) is what the standard
+ * library (types.ModuleType, importlib's new modules, runpy, zipimport)
+ * and other code take for "the module type". So types is imported before
+ * sys changes class; calling the class (importlib does type(sys)(name))
+ * makes a plain module; isinstance() and issubclass() against it answer
+ * as for the plain module type; and on any module but sys the properties
+ * are the module's own attributes. */
 static const char sys_class_src[] =
     "def _make(get, set_):\n"
-    "    import sys\n"
+    "    import sys, types\n"
     "    base = type(sys)\n"
+    "    class meta(type):\n"
+    "        def __call__(cls, *a, **k):\n"
+    "            if cls is own:\n"
+    "                return base(*a, **k)\n"
+    "            return type.__call__(cls, *a, **k)\n"
+    "        def __instancecheck__(cls, x):\n"
+    "            return type.__instancecheck__(base if cls is own else cls, x)\n"
+    "        def __subclasscheck__(cls, c):\n"
+    "            return type.__subclasscheck__(base if cls is own else cls, c)\n"
     "    def prop(n):\n"
-    "        return property(lambda self: get(n), lambda self, v: set_(n, v))\n"
+    "        def fget(self):\n"
+    "            if self is sys:\n"
+    "                return get(n)\n"
+    "            try:\n"
+    "                return self.__dict__[n]\n"
+    "            except KeyError:\n"
+    "                raise AttributeError(n) from None\n"
+    "        def fset(self, v):\n"
+    "            if self is sys:\n"
+    "                set_(n, v)\n"
+    "            else:\n"
+    "                self.__dict__[n] = v\n"
+    "        return property(fget, fset)\n"
     "    attrs = {n: prop(n) for n in ('stdout', 'stderr', 'stdin', 'displayhook')}\n"
-    "    attrs['__slots__'] = ()\n"
-    "    cls = type('module', (base,), attrs)\n"
-    "    sys.__class__ = cls\n"
+    "    attrs.update(__slots__=(), __module__='builtins', __qualname__='module',\n"
+    "                 __doc__=base.__doc__)\n"
+    "    own = meta('module', (base,), attrs)\n"
+    "    sys.__class__ = own\n"
     "    return base\n";
 
 /* Give sys its class (on = 1; returns the plain module type to restore),
@@ -3785,28 +3823,39 @@ static PyType_Slot target_slots[] = {{Py_tp_dealloc, MH_FN(target_dealloc)},
 static PyType_Spec target_spec = {"_manhole.ThreadTarget", sizeof(TargetObject), 0,
                                   Py_TPFLAGS_DEFAULT, target_slots};
 
+/* fn, to be called once on c's behalf (c NULL: on nobody's). */
+static PyObject *target_new(client *c, PyObject *fn)
+{
+    PyObject *mod = PyDict_GetItemString(PyImport_GetModuleDict(), "_manhole");
+    PyObject *type = mod ? PyObject_GetAttrString(mod, "ThreadTarget") : NULL;
+    PyObject *t = type ? new_of(type) : NULL;
+    Py_XDECREF(type);
+    if (!t)
+        return NULL;
+    TargetObject *to = (TargetObject *)t;
+    to->fn = fn;
+    Py_INCREF(fn);
+    if (c) {
+        pthread_mutex_lock(&c->mh->lock);
+        c->refs++;
+        c->mh->nbound++;
+        to->c = c;
+        pthread_mutex_unlock(&c->mh->lock);
+    }
+    return t;
+}
+
 static PyObject *start_thread(PyObject *orig, PyObject *args, PyObject *kw)
 {
     client *c = current_client();
     if (!c || completing() || PyTuple_GET_SIZE(args) < 1)
         return PyObject_Call(orig, args, kw);
-    PyObject *mod = PyDict_GetItemString(PyImport_GetModuleDict(), "_manhole");
-    PyObject *type = mod ? PyObject_GetAttrString(mod, "ThreadTarget") : NULL;
-    PyObject *t = type ? new_of(type) : NULL;
-    Py_XDECREF(type);
+    PyObject *t = target_new(c, PyTuple_GET_ITEM(args, 0));
     PyObject *nargs = t ? PyTuple_GetSlice(args, 0, PyTuple_GET_SIZE(args)) : NULL;
     if (!nargs) {
         Py_XDECREF(t);
         return NULL;
     }
-    TargetObject *to = (TargetObject *)t;
-    to->fn = PyTuple_GET_ITEM(args, 0);
-    Py_INCREF(to->fn);
-    pthread_mutex_lock(&c->mh->lock);
-    c->refs++;
-    c->mh->nbound++;
-    to->c = c;
-    pthread_mutex_unlock(&c->mh->lock);
     Py_DECREF(PyTuple_GET_ITEM(nargs, 0));
     PyTuple_SET_ITEM(nargs, 0, t); /* steals t */
     PyObject *r = PyObject_Call(orig, nargs, kw);
@@ -3848,6 +3897,84 @@ static void threads_wrap(PyObject *mod, int on)
         PyErr_Clear();
     }
     MH_UNUSED(mod);
+}
+
+/* A thread pool's thread runs the tasks of whoever submits them, not only
+ * of the client whose statement started it: ThreadPoolExecutor.submit is
+ * wrapped (once concurrent.futures.thread is imported) so that each task
+ * runs bound to its submitter (bind_task()), and a task the host's own
+ * threads submit runs bound to nobody, on a pool thread a client started
+ * too. (submit() copies no contextvars before 3.14, so the binding goes
+ * with the task itself.) */
+static PyObject *bind_task(PyObject *self, PyObject *fn)
+{
+    MH_UNUSED(self);
+    client *c = current_client();
+    return target_new(c && !completing() ? c : NULL, fn);
+}
+
+static PyMethodDef bind_task_def = {"bind_task", bind_task, METH_O, NULL};
+
+static const char pool_src[] =
+    "def _make(bind):\n"
+    "    import sys\n"
+    "    def patch():\n"
+    "        mod = sys.modules.get('concurrent.futures.thread')\n"
+    "        cls = getattr(mod, 'ThreadPoolExecutor', None)\n"
+    "        orig = getattr(cls, '__dict__', {}).get('submit')\n"
+    "        if orig is None or hasattr(orig, '_manhole_orig'):\n"
+    "            return\n"
+    "        def submit(self, fn, /, *args, **kwargs):\n"
+    "            return orig(self, bind(fn), *args, **kwargs)\n"
+    "        for a in ('__module__', '__name__', '__qualname__', '__doc__'):\n"
+    "            setattr(submit, a, getattr(orig, a))\n"
+    "        submit.__wrapped__ = submit._manhole_orig = orig\n"
+    "        cls.submit = submit\n"
+    "    def unpatch():\n"
+    "        mod = sys.modules.get('concurrent.futures.thread')\n"
+    "        cls = getattr(mod, 'ThreadPoolExecutor', None)\n"
+    "        orig = getattr(getattr(cls, 'submit', None), '_manhole_orig', None)\n"
+    "        if orig is not None:\n"
+    "            cls.submit = orig\n"
+    "    return patch, unpatch\n";
+
+static PyObject *make_from_source(const char *src, PyObject *arg);
+
+/* Make the support module's pool_patch and pool_unpatch (first user). */
+static int pools_prepare(PyObject *mod)
+{
+    PyObject *bind = PyCFunction_New(&bind_task_def, NULL);
+    PyObject *fns = bind ? make_from_source(pool_src, bind) : NULL;
+    Py_XDECREF(bind);
+    int ok = fns && PyTuple_Check(fns) && PyTuple_GET_SIZE(fns) == 2 &&
+             PyObject_SetAttrString(mod, "pool_patch", PyTuple_GET_ITEM(fns, 0)) == 0 &&
+             PyObject_SetAttrString(mod, "pool_unpatch", PyTuple_GET_ITEM(fns, 1)) == 0;
+    Py_XDECREF(fns);
+    return ok ? 0 : -1;
+}
+
+/* Before a statement: a concurrent.futures.thread imported since the
+ * last look gets its submit() wrapped. GIL held. */
+static void pools_follow_submitter(manhole *mh)
+{
+    PyObject *modules = PyImport_GetModuleDict();
+    PyObject *m = PyDict_GetItemString(modules, "concurrent.futures.thread");
+    if (!m || m == mh->pool_mod)
+        return;
+    PyObject *mod = PyDict_GetItemString(modules, "_manhole");
+    PyObject *r = mod ? PyObject_CallMethod(mod, "pool_patch", NULL) : NULL;
+    Py_XDECREF(r);
+    PyErr_Clear();
+    Py_INCREF(m);
+    Py_XSETREF(mh->pool_mod, m);
+}
+
+/* The last user: submit() as it was. GIL held. */
+static void pools_restore(PyObject *mod)
+{
+    PyObject *r = PyObject_CallMethod(mod, "pool_unpatch", NULL);
+    Py_XDECREF(r);
+    PyErr_Clear();
 }
 
 /* ---- Completion ------------------------------------------------------- */
@@ -4054,7 +4181,7 @@ static PyObject *support_acquire(int python_started_here, PyThreadState *ts)
             goto fail;
         PySys_SetObject("displayhook", hook);
         PyModule_AddObject(mod, "displayhook", hook);
-        if (sys_class(mod, 1) < 0)
+        if (sys_class(mod, 1) < 0 || pools_prepare(mod) < 0)
             goto fail;
     }
     PyObject *nu = PyLong_FromLong(users + 1);
@@ -4098,6 +4225,7 @@ static int support_release(PyThreadState **ts)
             Py_XDECREF(p);
         }
         threads_wrap(mod, 0);
+        pools_restore(mod);
         sys_class(mod, 0);
         PyObject *hook = PyObject_GetAttrString(mod, "displayhook");
         if (hook && PySys_GetObject("displayhook") == hook)
@@ -4139,7 +4267,9 @@ static const char stacks_src[] =
     "        out = sys.stdout if file is None else file\n"
     "        names = {t.ident: t.name for t in threading.enumerate()}\n"
     "        for ident, label in _names().items():\n"
-    "            names[ident] = '%s, %s' % (names[ident], label) if ident in names else label\n"
+    "            known = names.get(ident)\n"
+    "            same = known is not None and label.startswith(known)\n"
+    "            names[ident] = '%s, %s' % (known, label) if known and not same else label\n"
     "        here = threading.get_ident()\n"
     "        frames = sys._current_frames()\n"
     "        frames[here] = sys._getframe(1)  # from the caller, not stacks()\n"
@@ -4165,6 +4295,8 @@ static PyObject *thread_names(PyObject *self, PyObject *noargs)
     pthread_mutex_lock(&mh->lock);
     for (worker *w = mh->workers; w; w = w->next) {
         char name[64];
+        if (w->exited) /* (not reaped yet) */
+            continue;
         if (w->c)
             snprintf(name, sizeof name, "manhole worker %d (client #%u)",
                      w->index, w->c->id);
@@ -4217,7 +4349,8 @@ out:
 /* ---- What the interactive loop does that codeop does not ----------- */
 
 /* Python glue, one per interpreter (kept in the support module):
- * syntax_error() reports an error as the interactive loop does; on 3.13+
+ * syntax_error() reports an error as the interactive loop does;
+ * thread_exit() takes an ending worker out of threading's registry; on 3.13+
  * compile_numbered() and forget() give statements the "<stdin>-N" names
  * and linecache entries that 3.13's loop gives them. */
 static const char glue_src[] =
@@ -4253,6 +4386,20 @@ static const char glue_src[] =
     "    if sys.version_info >= (3, 10) and err.text and err.text.endswith('\\n'):\n"
     "        err.text = err.text[:-1]  # as the 3.10+ tokenizer keeps it\n"
     "    return err\n"
+    "def thread_exit():\n"
+    "    # A worker is a C thread: once its code asked threading who it is\n"
+    "    # (current_thread(): logging does, and so does naming the worker),\n"
+    "    # threading registered a _DummyThread for it, which it keeps after\n"
+    "    # the thread ends (before 3.13): an exited worker stayed in\n"
+    "    # threading.enumerate() and stacks(), and a thread that got its\n"
+    "    # ident later took its entry over. It goes with the worker.\n"
+    "    threading = sys.modules.get('threading')\n"
+    "    if threading is None:\n"
+    "        return\n"
+    "    ident = threading.get_ident()\n"
+    "    with threading._active_limbo_lock:\n"
+    "        if isinstance(threading._active.get(ident), threading._DummyThread):\n"
+    "            del threading._active[ident]\n"
     "count = 0\n"
     "recent = []\n"
     "def fix_text(err, source):\n"
@@ -4493,25 +4640,68 @@ fail:
     return -1;
 }
 
-/* GIL held. */
+static void mask_for_python(worker *w, client *c);
+static void mask_for_worker(worker *w);
+
+/* Dropping the session runs its objects' finalizers (__del__, weakref
+ * callbacks): on a worker, with the host's signal mask, as a statement.
+ * GIL held. */
 static void session_close(client *c)
 {
+    worker *w = tl_worker;
+    if (w)
+        mask_for_python(w, c);
     Py_CLEAR(c->ns);
     Py_CLEAR(c->compiler);
     for (int k = 0; k < SYS_N; k++)
         Py_CLEAR(c->over[k]);
     for (int k = 0; k < 3; k++)
         Py_CLEAR(c->last_exc[k]);
+    if (w)
+        mask_for_worker(w);
     buf_free(&c->src);
     pthread_mutex_lock(&c->mh->lock);
     c->has_session = 0;
     pthread_mutex_unlock(&c->mh->lock);
 }
 
+/* How a client's statement (or what the library ran for it) ended.
+ * RUN_TIMEOUT: code the library ran on the host thread outran the
+ * timeout (reported; the session goes on). */
+enum { RUN_OK, RUN_ABANDONED, RUN_EXIT, RUN_TIMEOUT };
+
+static int guard_begin(worker *w, client *c);
+static int guard_expired(worker *w);
+static int guard_end(worker *w, client *c);
+
+/* str() of a prompt object. A str is taken as it is; anything else is
+ * the user's code, run guarded. NULL: it failed (the default prompt is
+ * shown), or it ran out of time on a worker (*rc is RUN_ABANDONED: the
+ * watchdog showed the prompt). GIL held. */
+static PyObject *prompt_str(worker *w, client *c, PyObject *p, int *rc)
+{
+    *rc = RUN_OK;
+    if (PyUnicode_CheckExact(p)) {
+        Py_INCREF(p);
+        return p;
+    }
+    if (guard_begin(w, c) < 0)
+        return NULL;
+    PyObject *str = PyObject_Str(p);
+    *rc = guard_end(w, c);
+    if (*rc != RUN_OK)
+        Py_CLEAR(str);
+    if (*rc == RUN_TIMEOUT)
+        *rc = RUN_OK; /* (the default prompt follows the report) */
+    PyErr_Clear();
+    return str;
+}
+
 /* The prompt as the interactive interpreter would print it: str(sys.ps1)
  * or str(sys.ps2) when set, else ">>> " / "... ". The text is remembered
- * so the host and the watchdog can show it without the GIL. */
-static void write_prompt(worker *w, client *c, int more)
+ * so the host and the watchdog can show it without the GIL. Returns
+ * RUN_ABANDONED if str() outran the timeout, else RUN_OK. */
+static int write_prompt(worker *w, client *c, int more)
 {
     manhole *mh = c->mh;
     const char *name = more ? "ps2" : "ps1";
@@ -4520,7 +4710,10 @@ static void write_prompt(worker *w, client *c, int more)
     PyObject *str = NULL;
     PyObject *p = PySys_GetObject(name);
     if (p) {
-        str = PyObject_Str(p);
+        int rc;
+        str = prompt_str(w, c, p, &rc);
+        if (rc != RUN_OK)
+            return rc;
         const char *t = str ? PyUnicode_AsUTF8AndSize(str, &n) : NULL;
         if (t)
             s = t;
@@ -4557,17 +4750,48 @@ static void write_prompt(worker *w, client *c, int more)
     c->out_nl = 1; /* what the client types next ends the prompt's line */
     pthread_mutex_unlock(&mh->lock);
     Py_XDECREF(str);
+    return RUN_OK;
+}
+
+/* Hand an exception to sys.excepthook; if the hook fails, show its error
+ * and then the exception plainly, as Python does (unless the hook was
+ * stopped for outrunning the timeout: the watchdog reported that). */
+static void exception_hook(worker *w, PyObject *t, PyObject *v, PyObject *tbo)
+{
+    PyObject *hook = PySys_GetObject("excepthook");
+    PyObject *r = hook ? PyObject_CallFunctionObjArgs(hook, t, v, tbo, NULL) : NULL;
+    if (!r && !(w && guard_expired(w))) {
+        if (PyErr_Occurred()) {
+            PyObject *t2, *v2, *tb2;
+            PyErr_Fetch(&t2, &v2, &tb2);
+            PyErr_NormalizeException(&t2, &v2, &tb2);
+            PyObject *err = PySys_GetObject("stderr");
+            if (err)
+                PyFile_WriteString("Error in sys.excepthook:\n", err);
+            PyErr_Display(t2, v2, tb2);
+            if (err)
+                PyFile_WriteString("\nOriginal exception was:\n", err);
+            Py_XDECREF(t2);
+            Py_XDECREF(v2);
+            Py_XDECREF(tb2);
+        }
+        PyErr_Display(t, v, tbo);
+    }
+    Py_XDECREF(r);
+    PyErr_Clear();
 }
 
 /* Print the pending exception as the interactive interpreter does, through
  * sys.excepthook, to the client's stderr. A syntax error is shown without
- * the compiler's frames, as Python shows it. GIL held. */
-static void show_exception(int syntax)
+ * the compiler's frames, as Python shows it. The hook (and the str() of
+ * the exception) runs as guarded code. Returns RUN_ABANDONED if it outran
+ * the timeout, else RUN_OK. GIL held. */
+static int show_exception(int syntax)
 {
     PyObject *t, *v, *tb;
     PyErr_Fetch(&t, &v, &tb);
     if (!t)
-        return;
+        return RUN_OK;
     PyErr_NormalizeException(&t, &v, &tb);
     if (!v) {
         v = Py_None;
@@ -4590,7 +4814,9 @@ static void show_exception(int syntax)
 #if PY_VERSION_HEX >= 0x030C0000
     PySys_SetObject("last_exc", v);
 #endif
-    client *c = tl_worker ? tl_worker->c : NULL;
+    worker *w = tl_worker;
+    client *c = w ? w->c : NULL;
+    int rc = RUN_OK;
     if (c) { /* the session's own, for pdb.pm() in its next statement */
         PyObject *keep[3] = {t, v, tbo};
         for (int k = 0; k < 3; k++) {
@@ -4598,32 +4824,20 @@ static void show_exception(int syntax)
             Py_XSETREF(c->last_exc[k], keep[k]);
         }
         c->raised = 1;
-    }
-    PyObject *hook = PySys_GetObject("excepthook");
-    PyObject *r = hook ? PyObject_CallFunctionObjArgs(hook, t, v, tbo, NULL) : NULL;
-    if (!r) {
-        /* The hook failed: show its error, then the original, plainly. */
-        if (PyErr_Occurred()) {
-            PyObject *t2, *v2, *tb2;
-            PyErr_Fetch(&t2, &v2, &tb2);
-            PyErr_NormalizeException(&t2, &v2, &tb2);
-            PyObject *err = PySys_GetObject("stderr");
-            if (err)
-                PyFile_WriteString("Error in sys.excepthook:\n", err);
-            PyErr_Display(t2, v2, tb2);
-            if (err)
-                PyFile_WriteString("\nOriginal exception was:\n", err);
-            Py_XDECREF(t2);
-            Py_XDECREF(v2);
-            Py_XDECREF(tb2);
+        if (guard_begin(w, c) == 0) {
+            exception_hook(w, t, v, tbo);
+            rc = guard_end(w, c);
+            if (rc == RUN_TIMEOUT)
+                rc = RUN_OK;
         }
-        PyErr_Display(t, v, tbo);
+    } else {
+        exception_hook(NULL, t, v, tbo);
     }
-    Py_XDECREF(r);
     Py_XDECREF(t);
     Py_XDECREF(v);
     Py_XDECREF(tb);
     PyErr_Clear();
+    return rc;
 }
 
 static void timeout_report(worker *w, client *c)
@@ -4674,18 +4888,10 @@ static int exit_is_quitter(void)
     return quitter;
 }
 
-static void handle_exit(worker *w, client *c, int leave);
-
-/* SystemExit in a client: note the status, end the session. sys.exit(n)
- * is reported to the host; exit() and quit() (leave) end this client's
- * session only, as at end of input. A rich client learns the status
- * either way (X record). GIL held. */
-static void handle_exit(worker *w, client *c, int leave)
+/* The exit status a SystemExit asks for: its code, or for any other
+ * argument 1, the argument printed first, as Python does. */
+static int exit_status(worker *w, client *c, PyObject *v)
 {
-    manhole *mh = c->mh;
-    PyObject *t, *v, *tb;
-    PyErr_Fetch(&t, &v, &tb);
-    PyErr_NormalizeException(&t, &v, &tb);
     int status = 0;
     PyObject *code = v ? PyObject_GetAttrString(v, "code") : NULL;
     PyErr_Clear();
@@ -4698,7 +4904,6 @@ static void handle_exit(worker *w, client *c, int leave)
             }
             status = (int)l;
         } else {
-            /* As Python does: print the argument, exit with status 1. */
             PyObject *s = PyObject_Str(code);
             const char *txt = s ? PyUnicode_AsUTF8(s) : NULL;
             if (txt) {
@@ -4714,9 +4919,33 @@ static void handle_exit(worker *w, client *c, int leave)
         }
     }
     Py_XDECREF(code);
+    return status;
+}
+
+/* SystemExit in a client: note the status, end the session. sys.exit(n)
+ * is reported to the host; exit() and quit() (leave) end this client's
+ * session only, as at end of input. A rich client learns the status
+ * either way (X record). Returns RUN_EXIT; if reading the argument
+ * outran the timeout, the session goes on: RUN_ABANDONED (a worker, see
+ * guard_end()) or RUN_OK. GIL held. */
+static int handle_exit(worker *w, client *c, int leave)
+{
+    manhole *mh = c->mh;
+    PyObject *t, *v, *tb;
+    PyErr_Fetch(&t, &v, &tb);
+    PyErr_NormalizeException(&t, &v, &tb);
+    int status = 0, rc = RUN_OK;
+    if (guard_begin(w, c) == 0) {
+        status = exit_status(w, c, v);
+        rc = guard_end(w, c);
+    }
     Py_XDECREF(t);
     Py_XDECREF(v);
     Py_XDECREF(tb);
+    if (rc == RUN_ABANDONED)
+        return rc;
+    if (rc == RUN_TIMEOUT) /* reported: the session goes on */
+        return RUN_OK;
     if (c->ext) { /* a rich client learns the status before the close */
         char st[24];
         int n = snprintf(st, sizeof st, "%d", status);
@@ -4732,13 +4961,15 @@ static void handle_exit(worker *w, client *c, int leave)
         LOG_LOCKED(mh, MANHOLE_LOG_INFO, "client #%u called sys.exit(%d)", c->id,
                    status);
     pthread_mutex_unlock(&mh->lock);
+    return RUN_EXIT;
 }
 
 static void watchdog_ensure_locked(manhole *mh);
 
 /* Mark the start and end of a running statement; the watchdog watches
- * the deadline in between. */
-static int stmt_begin(worker *w, client *c)
+ * the deadline in between. take_intr: an interrupt the client sent
+ * before it began is for this code (a statement), not for the prompt. */
+static int stmt_begin(worker *w, client *c, int take_intr)
 {
     manhole *mh = c->mh;
     pthread_mutex_lock(&mh->lock);
@@ -4754,7 +4985,7 @@ static int stmt_begin(worker *w, client *c)
     w->user_int = 0;
     w->int_deadline = 0;
     w->deadline = mh->cfg.timeout > 0 ? now_mono() + mh->cfg.timeout : 0;
-    if (c->intr_pending) { /* the client interrupted just before it began */
+    if (take_intr && c->intr_pending) { /* the client interrupted just before it began */
         c->intr_pending = 0;
         w->user_int = 1;
         w->int_deadline = now_mono() + INTERRUPT_GRACE;
@@ -4773,6 +5004,32 @@ static int stmt_begin(worker *w, client *c)
     return 0;
 }
 
+/* The watchdog's KeyboardInterrupt reached a statement that may have
+ * ended before it raised it: let it raise now, where it is caught,
+ * rather than cancel it. PyThreadState_SetAsyncExc(id, NULL) would
+ * cancel it, but it signals the eval breaker again whatever it cancels,
+ * and on 3.8 to 3.12 only the thread's next async exception clears that
+ * signal: Python then stops at every check for the rest of the process,
+ * and 3.11's tracing (settrace, setprofile, pdb, cProfile) loops on it
+ * forever. A loop's backward jump checks the eval breaker on every
+ * version. GIL held. */
+static void interrupt_consume(void)
+{
+    PyObject *t, *v, *tb;
+    PyErr_Fetch(&t, &v, &tb);
+    PyObject *g = PyDict_New();
+    PyObject *code = Py_CompileString("for _ in range(8): pass\n", "<manhole>",
+                                      Py_file_input);
+    if (g && code && PyDict_SetItemString(g, "__builtins__", PyEval_GetBuiltins()) == 0) {
+        PyObject *r = PyEval_EvalCode(code, g, g);
+        Py_XDECREF(r);
+    }
+    Py_XDECREF(code);
+    Py_XDECREF(g);
+    PyErr_Clear(); /* the KeyboardInterrupt, if it was still pending */
+    PyErr_Restore(t, v, tb);
+}
+
 /* Returns 1 if the statement timed out. GIL held. */
 static int stmt_end(worker *w)
 {
@@ -4786,11 +5043,76 @@ static int stmt_end(worker *w)
         w->timed_out = 0;
     pthread_mutex_unlock(&mh->lock);
     if (sent) /* an interrupt that came too late must not leak out */
-        PyThreadState_SetAsyncExc(w->py_tid, NULL);
+        interrupt_consume();
     return timed_out;
 }
 
-enum { RUN_OK, RUN_ABANDONED, RUN_EXIT };
+/* A statement runs with the host's signal mask (workers block every
+ * signal: the host's signals are the host's), so that the processes and
+ * threads it starts inherit a normal one; so does any Python code the
+ * library runs for a client (guard_begin()). */
+static void mask_for_python(worker *w, client *c)
+{
+    if (!w->is_host)
+        pthread_sigmask(SIG_SETMASK, &c->mh->host_sigmask, NULL);
+}
+
+static void block_signals(void);
+
+static void mask_for_worker(worker *w)
+{
+    if (!w->is_host)
+        block_signals();
+}
+
+/* A child forked by Python code the library ran, back in the library: it
+ * has no manhole to return to (the parent's session goes on there). */
+static void forked_exit(client *c, int ok)
+{
+    if (mh_forked(c->mh)) {
+        PyErr_Clear();
+        _exit(ok ? 0 : 1);
+    }
+}
+
+/* Python code the library runs for a client around its statements (its
+ * sys.excepthook, str() of sys.ps1 or of a SystemExit's argument) follows
+ * a statement's rules: the host's signal mask, the statement timeout
+ * (interrupted, then abandoned as a statement is), output to the client.
+ * Returns -1 when nobody waits for it (the client gone, the manhole
+ * closing): the caller does without. GIL held. */
+static int guard_begin(worker *w, client *c)
+{
+    if (stmt_begin(w, c, 0) < 0)
+        return -1;
+    mask_for_python(w, c);
+    return 0;
+}
+
+/* Has the watchdog found it past its deadline? */
+static int guard_expired(worker *w)
+{
+    pthread_mutex_lock(&w->mh->lock);
+    int r = w->timed_out;
+    pthread_mutex_unlock(&w->mh->lock);
+    return r;
+}
+
+/* The end of guarded code. If it outran the timeout: RUN_ABANDONED on a
+ * worker (the watchdog answered the client, another worker serves it
+ * now), RUN_TIMEOUT on the host thread (reported here). GIL held. */
+static int guard_end(worker *w, client *c)
+{
+    mask_for_worker(w);
+    forked_exit(c, !PyErr_Occurred());
+    if (!stmt_end(w))
+        return RUN_OK;
+    PyErr_Clear();
+    if (!w->is_host)
+        return RUN_ABANDONED;
+    timeout_report(w, c);
+    return RUN_TIMEOUT;
+}
 
 /* Is a statement other than this thread's running? */
 static int others_running(manhole *mh)
@@ -4840,9 +5162,11 @@ static void session_hooks_after(client *c)
     PyErr_Clear();
 }
 
-/* Before a statement: sys.last_* are the session's own (pdb.pm()). */
+/* Before a statement: sys.last_* are the session's own (pdb.pm()); a
+ * thread pool's tasks will write to whoever submits them. */
 static void session_hooks_before(client *c)
 {
+    pools_follow_submitter(c->mh);
     if (!c->last_exc[1])
         return;
     PySys_SetObject("last_type", c->last_exc[0]);
@@ -4853,30 +5177,17 @@ static void session_hooks_before(client *c)
 #endif
 }
 
-static void block_signals(void);
-
 static int run_code(worker *w, client *c, PyObject *code, PyObject *src)
 {
     PyObject *ns = c->ns;
-    if (stmt_begin(w, c) < 0)
+    if (stmt_begin(w, c, 1) < 0)
         return RUN_OK;
     session_hooks_before(c);
     Py_INCREF(ns);
-    /* Workers keep every signal blocked (the host's signals are the
-     * host's), but a statement runs with the host's mask: the processes
-     * and threads it starts inherit a normal one. */
-    if (!w->is_host)
-        pthread_sigmask(SIG_SETMASK, &c->mh->host_sigmask, NULL);
+    mask_for_python(w, c);
     PyObject *r = PyEval_EvalCode(code, ns, ns);
-    if (!w->is_host)
-        block_signals();
-    if (mh_forked(c->mh)) {
-        /* A child the statement forked, back from it: it has no manhole
-         * to return to (the parent's session goes on in the parent). */
-        if (!r)
-            PyErr_Clear();
-        _exit(r ? 0 : 1);
-    }
+    mask_for_worker(w);
+    forked_exit(c, r != NULL);
     int timed_out = stmt_end(w);
     Py_DECREF(ns);
     {
@@ -4907,8 +5218,7 @@ static int run_code(worker *w, client *c, PyObject *code, PyObject *src)
         return RUN_OK;
     }
     if (PyErr_ExceptionMatches(PyExc_SystemExit)) {
-        handle_exit(w, c, exit_is_quitter());
-        return RUN_EXIT;
+        return handle_exit(w, c, exit_is_quitter());
     }
 #if PY_VERSION_HEX >= 0x030D0000
     if (src && PyErr_ExceptionMatches(PyExc_SyntaxError)) { /* eval('1 +'), for one */
@@ -4924,8 +5234,7 @@ static int run_code(worker *w, client *c, PyObject *code, PyObject *src)
 #else
     MH_UNUSED(src);
 #endif
-    show_exception(0);
-    return RUN_OK;
+    return show_exception(0);
 }
 
 /* One input line, as code.InteractiveConsole.push() handles it. */
@@ -4933,11 +5242,10 @@ static int session_line(worker *w, client *c, const char *line, size_t len,
                         int prompt)
 {
     if (!c->ns && session_open(c) < 0) {
-        show_exception(0);
+        if (show_exception(0) != RUN_OK)
+            return RUN_ABANDONED;
         client_error_str(w, c, "manhole: cannot start a Python session\n");
-        if (prompt)
-            write_prompt(w, c, 0);
-        return RUN_OK;
+        return prompt ? write_prompt(w, c, 0) : RUN_OK;
     }
     manhole *mh = c->mh;
     if (buf_used(&c->src) + len + 1 > mh->cfg.max_input) {
@@ -4949,9 +5257,7 @@ static int session_line(worker *w, client *c, const char *line, size_t len,
         c->src_compile = 0;
         client_error_str(w, c, msg);
         c->raised = 1;
-        if (prompt)
-            write_prompt(w, c, 0);
-        return RUN_OK;
+        return prompt ? write_prompt(w, c, 0) : RUN_OK;
     }
     if (buf_used(&c->src) > 0)
         buf_add(&c->src, "\n", 1);
@@ -4980,15 +5286,13 @@ static int session_line(worker *w, client *c, const char *line, size_t len,
             c->src_compile = 0;
             client_error_str(w, c, msg);
             c->raised = 1;
-            if (prompt)
-                write_prompt(w, c, 0);
-            return RUN_OK;
+            return prompt ? write_prompt(w, c, 0) : RUN_OK;
         }
     }
     if (!code) {
         buf_clear(&c->src);
         c->src_compile = 0;
-        show_exception(1);
+        rc = show_exception(1);
     } else if (code == Py_None) {
         more = 1;
     } else {
@@ -5005,7 +5309,7 @@ static int session_line(worker *w, client *c, const char *line, size_t len,
     Py_XDECREF(code);
     Py_XDECREF(src);
     if (prompt && rc == RUN_OK)
-        write_prompt(w, c, more);
+        rc = write_prompt(w, c, more);
     return rc;
 }
 
@@ -5016,10 +5320,10 @@ static int session_script(worker *w, client *c, const char *data, size_t len)
     buf_clear(&c->src); /* a half-entered block is dropped */
     c->src_compile = 0;
     if (!c->ns && session_open(c) < 0) {
-        show_exception(0);
+        if (show_exception(0) != RUN_OK)
+            return RUN_ABANDONED;
         client_error_str(w, c, "manhole: cannot start a Python session\n");
-        write_prompt(w, c, 0);
-        return RUN_OK;
+        return write_prompt(w, c, 0);
     }
     const char *nl = memchr(data, '\n', len);
     size_t fl = nl ? (size_t)(nl - data) : 0;
@@ -5037,7 +5341,7 @@ static int session_script(worker *w, client *c, const char *data, size_t len)
         PyCompilerFlags cf = {0, PY_MINOR_VERSION};
         PyObject *code = Py_CompileStringObject(src, fname, Py_file_input, &cf, -1);
         if (!code)
-            show_exception(1);
+            rc = show_exception(1);
         else
             rc = run_code(w, c, code, NULL);
         Py_XDECREF(code);
@@ -5045,7 +5349,7 @@ static int session_script(worker *w, client *c, const char *data, size_t len)
     free(src);
     Py_XDECREF(fname);
     if (rc == RUN_OK)
-        write_prompt(w, c, 0);
+        rc = write_prompt(w, c, 0);
     return rc;
 }
 
@@ -5062,8 +5366,7 @@ static int session_record(worker *w, client *c, int kind, const char *data,
         client_error(w, c, m.p, m.len);
         buf_free(&m);
         c->raised = 1;
-        write_prompt(w, c, 0);
-        return RUN_OK;
+        return write_prompt(w, c, 0);
     }
     if (kind == REC_HELLO) {
         /* The extended channel from here on; the prompt again, as a
@@ -5073,8 +5376,7 @@ static int session_record(worker *w, client *c, int kind, const char *data,
         pthread_mutex_unlock(&c->mh->lock);
         client_record(w, c, 'H', "1", 1);
         c->raised = -1;
-        write_prompt(w, c, buf_used(&c->src) > 0);
-        return RUN_OK;
+        return write_prompt(w, c, buf_used(&c->src) > 0);
     }
     if (kind == REC_SCRIPT)
         return session_script(w, c, data, len);
@@ -5095,7 +5397,7 @@ static int session_record(worker *w, client *c, int kind, const char *data,
             buf_clear(&c->src);
             c->src_compile = 0;
             if (PyErr_Occurred())
-                show_exception(1);
+                rc = show_exception(1);
         }
         if (rc != RUN_EXIT) { /* (an abandoned one was answered already) */
             pthread_mutex_lock(&c->mh->lock);
@@ -5199,6 +5501,27 @@ static int direct_ok_locked(worker *w, client *c)
            !mh->jq_head && mh->nworkers - mh->nidle <= 1 && !mh->stopping;
 }
 
+/* The watchdog gave the client to somebody else while w ran its code
+ * (a statement, or what the library ran for it): the job ends here. Lock
+ * held on entry, released on return. */
+static void job_abandoned_locked(worker *w, client *c)
+{
+    manhole *mh = c->mh;
+    LOG_LOCKED(mh, MANHOLE_LOG_INFO, "client #%u: timed-out statement ended", c->id);
+    w->c = NULL;
+    if (c->dead && c->has_session && !c->busy) {
+        /* Gone while we were stuck, and nobody else has it: the session
+         * is ours to release. */
+        c->busy = 1;
+        pthread_mutex_unlock(&mh->lock);
+        session_close(c);
+        pthread_mutex_lock(&mh->lock);
+        c->busy = 0;
+    }
+    client_unref_locked(c);
+    pthread_mutex_unlock(&mh->lock);
+}
+
 /* Run a client's queued input: one statement at a time, handing the
  * client back to the queue when others are waiting. GIL held. The job's
  * reference to c is dropped here, unless c is returned: then its output
@@ -5230,21 +5553,7 @@ again:
         buf_shrink_if_empty(&w->rec);
         pthread_mutex_lock(&mh->lock);
         if (rc == RUN_ABANDONED) {
-            /* The watchdog gave the client to somebody else. */
-            LOG_LOCKED(mh, MANHOLE_LOG_INFO,
-                       "client #%u: timed-out statement ended", c->id);
-            w->c = NULL;
-            if (c->dead && c->has_session && !c->busy) {
-                /* Gone while we were stuck, and nobody else has it: the
-                 * session is ours to release. */
-                c->busy = 1;
-                pthread_mutex_unlock(&mh->lock);
-                session_close(c);
-                pthread_mutex_lock(&mh->lock);
-                c->busy = 0;
-            }
-            client_unref_locked(c);
-            pthread_mutex_unlock(&mh->lock);
+            job_abandoned_locked(w, c);
             return NULL;
         }
         if (mh->jq_head && buf_used(&c->inq) >= 5) {
@@ -5261,8 +5570,12 @@ again:
         buf_clear(&c->src);
         c->src_compile = 0;
         client_error_str(w, c, "\nKeyboardInterrupt\n");
-        write_prompt(w, c, 0);
+        int rc = write_prompt(w, c, 0);
         pthread_mutex_lock(&mh->lock);
+        if (rc == RUN_ABANDONED) {
+            job_abandoned_locked(w, c);
+            return NULL;
+        }
         goto again; /* lines that came meanwhile found the client busy */
     }
     c->runner = NULL;
@@ -5364,7 +5677,7 @@ static void cjob_free_locked(cjob *j);
 
 /* Answer a completion request: rlcompleter over the client's namespace
  * (or the manhole's, before its first statement), under the statement
- * timeout, its output dropped. GIL held. */
+ * timeout and with its signal mask, its output dropped. GIL held. */
 static void run_completion(worker *w, cjob *j)
 {
     client *c = j->c;
@@ -5390,7 +5703,10 @@ static void run_completion(worker *w, cjob *j)
     if (!skip) {
         PyObject *ns = c->ns ? c->ns : mh->ns;
         Py_INCREF(ns);
+        mask_for_python(w, c); /* (__dir__ and properties are the user's code) */
         r = PyObject_CallFunction(mh->complete_fn, "Os", ns, j->text);
+        mask_for_worker(w);
+        forked_exit(c, r != NULL);
         Py_DECREF(ns);
         int timed_out = stmt_end(w);
         pthread_mutex_lock(&mh->lock);
@@ -5537,6 +5853,16 @@ static void spin_for_job(manhole *mh, unsigned seq)
         cpu_relax();
 }
 
+/* The ending worker leaves threading's registry (glue's thread_exit()).
+ * GIL held. */
+static void thread_forget(manhole *mh)
+{
+    PyObject *fn = mh->glue ? PyDict_GetItemString(mh->glue, "thread_exit") : NULL;
+    PyObject *r = fn ? PyObject_CallObject(fn, NULL) : NULL;
+    Py_XDECREF(r);
+    PyErr_Clear();
+}
+
 static void *worker_main(void *arg)
 {
     worker *w = arg;
@@ -5622,6 +5948,7 @@ gone:
     pthread_mutex_unlock(&mh->lock);
     tl_worker = NULL;
     PyEval_RestoreThread(ts);
+    thread_forget(mh);
     PyGILState_Release(g);
     pthread_mutex_lock(&mh->lock);
     w->exited = 1;
@@ -7387,6 +7714,7 @@ void manhole_close(manhole *mh)
     Py_CLEAR(mh->glue);
     Py_CLEAR(mh->complete_fn);
     Py_CLEAR(mh->noop);
+    Py_CLEAR(mh->pool_mod);
     PyThreadState *main_ts = NULL;
     if (support_release(&main_ts)) {
         if (PyThreadState_Get() != main_ts) {
