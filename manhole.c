@@ -548,6 +548,7 @@ struct worker {
     unsigned char user_int; /* ... asked for by the client */
     unsigned char waiting;  /* blocked reading the client's input */
     unsigned char completing; /* running a completion, not a statement */
+    unsigned char parked;   /* waiting on its client, not counted in nworkers */
     unsigned char exited;
     double int_deadline;    /* a user interrupt not obeyed by then:
                                abandon the statement (0: none) */
@@ -645,7 +646,8 @@ struct manhole {
     int wake_fd_set;        /* ... and the wake-up descriptor was written */
     int stopping;
     worker *workers;
-    int nworkers;           /* not abandoned, not exited */
+    int nworkers;           /* not abandoned, not parked, not exited */
+    int nparked;            /* waiting on their clients (park_locked) */
     int nidle;              /* workers waiting for a job (nsoon included) */
     int nspin;              /* workers spinning for one (WARM_SPIN) */
     int nsoon;              /* workers that look at the queue again without
@@ -2431,6 +2433,41 @@ static void thread_output_wait(client *c)
 
 static int client_flush(client *c);
 static void client_close(client *c, const char *why);
+static int worker_spawn_locked(manhole *mh);
+
+/* Workers parked at once, at most (see park_locked()). */
+#define MAX_PARKED 64
+
+/* A worker about to wait on its client (for room in its output, or for a
+ * line of input) is parked: it leaves the pool's count while it waits, so
+ * that other clients' statements, completions and hellos do not wait for
+ * a client that does not read or answer. It uses no CPU meanwhile, and
+ * its statement's timeout (for output) still runs. A job already queued
+ * gets a worker now. At most MAX_PARKED at once: past that a waiting
+ * worker stays counted, as a busy one. Lock held. */
+static void park_locked(worker *w)
+{
+    manhole *mh = w->mh;
+    if (w->is_host || w->parked || w->timed_out || mh->nparked >= MAX_PARKED)
+        return;
+    w->parked = 1;
+    mh->nparked++;
+    mh->nworkers--;
+    if (mh->njobs > mh->nidle || (mh->cq_head && mh->nidle == 0))
+        worker_spawn_locked(mh);
+}
+
+/* The wait is over: counted again (the pool may be over max_workers
+ * until this job ends; worker_main() then lets the extra one go). An
+ * abandoned worker was unparked by abandon_locked(). Lock held. */
+static void unpark_locked(worker *w)
+{
+    if (!w->parked)
+        return;
+    w->parked = 0;
+    w->mh->nparked--;
+    w->mh->nworkers++;
+}
 
 /* Wait until the client's pending output drops below the cap, or the
  * statement is abandoned, the client gone, the manhole closing. Lock and
@@ -2446,9 +2483,11 @@ static void output_wait(worker *w, client *c)
         pthread_mutex_unlock(&mh->lock);
         ts = PyEval_SaveThread();
         pthread_mutex_lock(&mh->lock);
+        park_locked(w);
         while (!c->dead && !mh->stopping && !w->timed_out &&
                buf_used(&c->out) + c->tx_backlog >= cap)
             pthread_cond_wait(&c->cv, &mh->lock);
+        unpark_locked(w);
         c->out_waiters--;
         pthread_mutex_unlock(&mh->lock);
         PyEval_RestoreThread(ts);
@@ -3295,10 +3334,12 @@ static PyObject *stdin_readline(worker *w, client *c, int binary)
             told = 1;
             continue;
         }
+        park_locked(w);
         c->in_waiters++;
         pthread_cond_wait(&c->cv, &mh->lock);
         c->in_waiters--;
     }
+    unpark_locked(w);
     if (w->waiting) {
         w->waiting = 0;
         if (left > 0) {
@@ -5687,6 +5728,8 @@ static void *worker_main(void *arg)
             }
             continue;
         }
+        if (mh->nworkers > mh->cfg.max_workers)
+            break; /* back from a wait, or started for a completion: extra */
         client *c = dequeue_locked(mh);
         if (!c && warm && mh->nspin == 0 && WARM_SPIN > 0) {
             warm = 0;
@@ -5751,11 +5794,18 @@ gone:
 #define MAX_THREADS_ABANDONED 64
 #define SPAWN_DELAY 0.002 /* seconds without progress before another worker */
 
-/* Start a worker if the pool may grow. Returns 1 if it did. Lock held. */
-static int worker_spawn_locked(manhole *mh)
+/* Completions may have this many workers beyond max_workers: a person
+ * waits for them, not behind statements (the extra workers take no
+ * statement, and end when no completion is left). */
+#define COMPLETION_WORKERS 2
+
+/* Start a worker if the pool may grow past `size` (max_workers, or more
+ * for completions). Threads stay bounded: the pool, the parked ones and
+ * MAX_THREADS_ABANDONED. Returns 1 if it did. Lock held. */
+static int worker_start_locked(manhole *mh, int size)
 {
-    if (mh->stopping || mh->nworkers >= mh->cfg.max_workers ||
-        mh->nthreads >= mh->cfg.max_workers + MAX_THREADS_ABANDONED)
+    if (mh->stopping || mh->nworkers >= size ||
+        mh->nthreads >= size + mh->nparked + MAX_THREADS_ABANDONED)
         return 0;
     worker *w = calloc(1, sizeof *w);
     if (!w)
@@ -5779,6 +5829,11 @@ static int worker_spawn_locked(manhole *mh)
     mh->nthreads++;
     watchdog_ensure_locked(mh);
     return 1;
+}
+
+static int worker_spawn_locked(manhole *mh)
+{
+    return worker_start_locked(mh, mh->cfg.max_workers);
 }
 
 /* Join workers that have exited (cheap; host thread). */
@@ -5815,7 +5870,12 @@ static void abandon_locked(worker *w, int interrupted)
     client *c = w->c;
     w->timed_out = 1;
     w->hold_until = 0; /* (what it holds is in c->out, sent below) */
-    mh->nworkers--; /* a slot in the pool is free again */
+    if (w->parked) { /* out of the count already */
+        w->parked = 0;
+        mh->nparked--;
+    } else {
+        mh->nworkers--; /* a slot in the pool is free again */
+    }
     if (mh->njobs > mh->nidle && mh->starve_since == 0)
         mh->starve_since = now_mono();
     if (w->completing) {
@@ -6282,7 +6342,7 @@ static int completion_request(client *c, const char *p, size_t n)
             __atomic_store_n(&mh->jobs_seq, mh->jobs_seq + 1, __ATOMIC_RELEASE);
         pthread_cond_signal(&mh->work_cv);
         if (mh->nidle == 0) /* every worker busy (maybe with this client) */
-            worker_spawn_locked(mh);
+            worker_start_locked(mh, mh->cfg.max_workers + COMPLETION_WORKERS);
     } else {
         wake_host_locked(mh);
     }

@@ -148,9 +148,12 @@ def _blockers(h, n, statement, ready=None):
     return bs
 
 
-WAITING_IN_STDIN = ("import sys, threading; me = threading.get_ident(); "
-                    "print(sum(1 for t, f in sys._current_frames().items() if t != me "
-                    "and f.f_code.co_filename.startswith('<stdin>')))")
+# How many other threads are inside a statement of a client (a <stdin>
+# frame on their stack).
+IN_STATEMENTS = ("import sys, threading, traceback; me = threading.get_ident(); "
+                 "print(sum(1 for t, f in sys._current_frames().items() if t != me and "
+                 "any(g.f_code.co_filename.startswith('<stdin>') "
+                 "for g, _ in traceback.walk_stack(f))))")
 
 
 def _others_served(h, nblocked):
@@ -158,18 +161,22 @@ def _others_served(h, nblocked):
     are all answered while nblocked statements still wait on their
     clients (they are still in their statements: counted)."""
     p = h.client()
+    # every worker the pool may have is taken by a blocked statement (each
+    # said it started), yet this runs
+    assert p.cmd(IN_STATEMENTS) == "%d\n" % nblocked
     assert p.cmd("print(6 * 7)") == "42\n"
     e = ExtClient.unix(h.unix_path)  # its hello is answered
     n, cands = e.complete("pri")
     assert "print(" in cands, cands
-    assert p.cmd(WAITING_IN_STDIN) == "%d\n" % nblocked
+    assert p.cmd(IN_STATEMENTS) == "%d\n" % nblocked  # still there
     p.close()
     e.close()
 
 
 def test_statements_blocked_on_output_leave_workers_for_others(start):
     h = start(HOST, "--max-workers", "2", "--timeout", "0", "--max-output", "4096")
-    bs = _blockers(h, 2, "while True: print('x' * 1000)")
+    bs = _blockers(h, 2, "print('started'); exec(\"while True: print('x' * 1000)\")",
+                   ready=b"started\n")
     _others_served(h, 2)
     for b in bs:
         b.close()
