@@ -25,7 +25,12 @@
  *    the output to the client's output buffer. The pool starts one worker
  *    and grows (up to max_workers) only when the queue has made no
  *    progress for SPAWN_DELAY, i.e. the workers it has are blocked: more
- *    threads would only bounce the GIL. Workers run below the host's CPU
+ *    threads would only bounce the GIL. A worker whose statement waits on
+ *    its client (for room in its output, or for a line of input) is
+ *    parked: it does not count against max_workers while it waits (64
+ *    parked at most), so a client that neither reads nor answers holds
+ *    nobody else up; back from the wait, a worker over the pool's size
+ *    ends with its job. Workers run below the host's CPU
  *    priority (worker_priority). A statement that outruns its timeout is
  *    abandoned: the worker stays stuck with it (and leaves the pool), the
  *    client moves on with another worker. In non-threaded mode the host
@@ -62,8 +67,12 @@
  *
  * Completion requests are a second queue (mh->cq) that any worker takes
  * before client jobs: a client's completion is answered while its own
- * statement runs on another worker. A completion has the statement
- * timeout; its output is dropped.
+ * statement runs on another worker. With every worker busy, up to two
+ * more are started for completions only, so a completion never waits
+ * behind statements. A completion has the statement timeout; its output
+ * is dropped. A hello at a client with nothing queued or running is
+ * answered by the host itself (the prompt it repeats is the one last
+ * computed), so it needs no worker either.
  *
  * Signals: workers block every signal (the host's signals stay with the
  * host), but a statement runs with the host thread's mask, so processes
@@ -126,7 +135,11 @@
  * and the prompt (sys.ps1, default ">>> "; sys.ps2, default "... " while a
  * block is open), then output and a new prompt per input line. Lines end in
  * LF, CRLF, or a lone CR. Telnet commands are parsed: IP and BRK interrupt,
- * the rest is dropped, a subnegotiation is bounded. A line that is too
+ * the rest is dropped, a subnegotiation is bounded. A record of ours
+ * (option 77) that is too long or broken is dropped whole, up to its
+ * IAC SE, and said once; any other subnegotiation past its bound is a
+ * bad line, dropped up to the next line end (it is more likely pasted
+ * text than telnet: the server negotiates nothing). A line that is too
  * long, holds a NUL byte or is not UTF-8 is discarded with a one-line
  * "manhole: ..." message. When the client shuts down its sending side,
  * every line already sent is run, a block still open is closed as by an
@@ -139,7 +152,10 @@
  * input waits as records, completion, scripts, interrupts; output bytes
  * 0xFF are doubled. Records are framed where the output is produced
  * (workers append to the client's buffer), so the host only moves bytes.
- * README, Protocol, is the specification.
+ * No request is dropped unsaid: while a statement waits for input, a
+ * hello is answered at once and a script waits its turn behind the
+ * statement; a request the server does not know gets a "manhole: ..."
+ * line. README, Protocol, is the specification.
  *
  * Sections: platform, utilities, data, sockets, poller, framing, output,
  * Python glue, workers and watchdog, the host side, public API.
@@ -6397,6 +6413,41 @@ static void client_greet(client *c)
     client_send_host(c);
 }
 
+/* What the framer found in this read besides lines (see act_interrupt()):
+ * a timing mark, completion requests, a hello. Host thread. -1 when out
+ * of memory. */
+static int client_acts(client *c)
+{
+    manhole *mh = c->mh;
+    int r = 0;
+    if (c->act_tm) {
+        /* telnet asks for a timing mark after an interrupt and shows
+         * nothing until it comes (RFC 860): everything before it has been
+         * taken in, so it comes now, after the output already produced. */
+        static const char tm[3] = {(char)TN_IAC, (char)TN_WILL, (char)TN_OPT_TM};
+        c->act_tm = 0;
+        pthread_mutex_lock(&mh->lock);
+        buf_add(&c->out, tm, 3);
+        c->out_tail_e = 0;
+        mark_dirty_locked(c);
+        pthread_mutex_unlock(&mh->lock);
+    }
+    for (size_t i = 0; i + 4 <= buf_used(&c->act_comp);) {
+        uint32_t len;
+        memcpy(&len, c->act_comp.p + i, 4);
+        if (completion_request(c, c->act_comp.p + i + 4, len) < 0)
+            r = -1;
+        i += 4 + (size_t)len;
+    }
+    buf_free(&c->act_comp);
+    if (c->act_hello) {
+        c->act_hello = 0;
+        if (client_hello(c) < 0)
+            r = -1;
+    }
+    return r;
+}
+
 static void client_read(client *c)
 {
     manhole *mh = c->mh;
@@ -6461,31 +6512,8 @@ static void client_read(client *c)
         client_close(c, "authentication failed");
         return;
     }
-    if (c->act_tm) {
-        /* telnet asks for a timing mark after an interrupt and shows
-         * nothing until it comes (RFC 860): everything before it has been
-         * taken in, so it comes now, after the output already produced. */
-        static const char tm[3] = {(char)TN_IAC, (char)TN_WILL, (char)TN_OPT_TM};
-        c->act_tm = 0;
-        pthread_mutex_lock(&mh->lock);
-        buf_add(&c->out, tm, 3);
-        c->out_tail_e = 0;
-        mark_dirty_locked(c);
-        pthread_mutex_unlock(&mh->lock);
-    }
-    for (size_t i = 0; i + 4 <= buf_used(&c->act_comp);) {
-        uint32_t len;
-        memcpy(&len, c->act_comp.p + i, 4);
-        if (completion_request(c, c->act_comp.p + i + 4, len) < 0)
-            drop = FR_NOMEM;
-        i += 4 + (size_t)len;
-    }
-    buf_free(&c->act_comp);
-    if (c->act_hello) {
-        c->act_hello = 0;
-        if (client_hello(c) < 0)
-            drop = -2;
-    }
+    if (client_acts(c) < 0)
+        drop = FR_NOMEM;
     int intr = c->act_intr;
     c->act_intr = 0;
     if (intr == 1) /* before any line of this read: at the prompt */
