@@ -2082,10 +2082,10 @@ static int sb_byte(client *c, unsigned char ch, buf *recs)
  * Anything else is dropped, and its bytes go on as text. */
 static int sb_broken(client *c, unsigned char ch, buf *recs)
 {
-    if (c->auth)
-        return FR_AUTH;
     if (!sb_is_record(c))
         return sb_resync(c, recs, 0);
+    if (c->auth)
+        return FR_AUTH; /* no client of ours sends one before the secret */
     if (ch == TN_IP || ch == TN_BRK)
         act_interrupt(c, recs);
     sb_skip(c);
