@@ -25,7 +25,12 @@
  *    the output to the client's output buffer. The pool starts one worker
  *    and grows (up to max_workers) only when the queue has made no
  *    progress for SPAWN_DELAY, i.e. the workers it has are blocked: more
- *    threads would only bounce the GIL. Workers run below the host's CPU
+ *    threads would only bounce the GIL. A worker whose statement waits on
+ *    its client (for room in its output, or for a line of input) is
+ *    parked: it does not count against max_workers while it waits (64
+ *    parked at most), so a client that neither reads nor answers holds
+ *    nobody else up; back from the wait, a worker over the pool's size
+ *    ends with its job. Workers run below the host's CPU
  *    priority (worker_priority). A statement that outruns its timeout is
  *    abandoned: the worker stays stuck with it (and leaves the pool), the
  *    client moves on with another worker. In non-threaded mode the host
@@ -62,8 +67,12 @@
  *
  * Completion requests are a second queue (mh->cq) that any worker takes
  * before client jobs: a client's completion is answered while its own
- * statement runs on another worker. A completion has the statement
- * timeout; its output is dropped.
+ * statement runs on another worker. With every worker busy, up to two
+ * more are started for completions only, so a completion never waits
+ * behind statements. A completion has the statement timeout; its output
+ * is dropped. A hello at a client with nothing queued or running is
+ * answered by the host itself (the prompt it repeats is the one last
+ * computed), so it needs no worker either.
  *
  * Signals: workers block every signal (the host's signals stay with the
  * host), but a statement runs with the host thread's mask, so processes
@@ -134,7 +143,11 @@
  * and the prompt (sys.ps1, default ">>> "; sys.ps2, default "... " while a
  * block is open), then output and a new prompt per input line. Lines end in
  * LF, CRLF, or a lone CR. Telnet commands are parsed: IP and BRK interrupt,
- * the rest is dropped, a subnegotiation is bounded. A line that is too
+ * the rest is dropped, a subnegotiation is bounded. A record of ours
+ * (option 77) that is too long or broken is dropped whole, up to its
+ * IAC SE, and said once; any other subnegotiation past its bound is a
+ * bad line, dropped up to the next line end (it is more likely pasted
+ * text than telnet: the server negotiates nothing). A line that is too
  * long, holds a NUL byte or is not UTF-8 is discarded with a one-line
  * "manhole: ..." message. When the client shuts down its sending side,
  * every line already sent is run, a block still open is closed as by an
@@ -154,7 +167,10 @@
  * input waits as records, completion, scripts, interrupts; output bytes
  * 0xFF are doubled. Records are framed where the output is produced
  * (workers append to the client's buffer), so the host only moves bytes.
- * README, Protocol, is the specification.
+ * No request is dropped unsaid: while a statement waits for input, a
+ * hello is answered at once and a script waits its turn behind the
+ * statement; a request the server does not know gets a "manhole: ..."
+ * line. README, Protocol, is the specification.
  *
  * Sections: platform, utilities, data, sockets, poller, framing, output,
  * Python glue, workers and watchdog, the host side, public API.
@@ -402,6 +418,34 @@ static int utf8_valid(const unsigned char *p, size_t n, size_t *bad)
     return 1;
 }
 
+/* The longest prefix of valid UTF-8 p[0..n) of at most max bytes that
+ * ends on a character boundary. */
+static size_t utf8_cut(const char *p, size_t n, size_t max)
+{
+    if (n <= max)
+        return n;
+    size_t k = max;
+    while (k > 0 && ((unsigned char)p[k] & 0xC0) == 0x80)
+        k--;
+    return k;
+}
+
+/* p[0..n) without the incomplete character a truncation (snprintf's) may
+ * have left at its end. */
+static size_t utf8_complete(const char *p, size_t n)
+{
+    size_t k = n, cont = 0;
+    while (k > 0 && cont < 3 && ((unsigned char)p[k - 1] & 0xC0) == 0x80) {
+        k--;
+        cont++;
+    }
+    if (k == 0)
+        return n;
+    unsigned char lead = (unsigned char)p[k - 1];
+    size_t need = lead >= 0xF0 ? 3 : lead >= 0xE0 ? 2 : lead >= 0xC0 ? 1 : 0;
+    return cont < need ? k - 1 : n;
+}
+
 /* ==================================================================== */
 /* Data                                                                 */
 /* ==================================================================== */
@@ -414,8 +458,11 @@ enum { T_UNIX = 1, T_TCP = 2 };
 
 /* Records in a client's input queue: [kind][u32 length][bytes]. HELLO
  * turns on the extended channel; SCRIPT is "filename\nsource" to run as
- * `python -c` would. */
-enum { REC_LINE = 1, REC_ERROR = 2, REC_EOF = 3, REC_HELLO = 4, REC_SCRIPT = 5 };
+ * `python -c` would. ERROR is a bad line (said; the block being entered
+ * is dropped); NOTE is something the client sent that was not a line and
+ * is not acted upon (said; the block stays). */
+enum { REC_LINE = 1, REC_ERROR = 2, REC_EOF = 3, REC_HELLO = 4, REC_SCRIPT = 5,
+       REC_NOTE = 6 };
 
 /* Telnet bytes, and the private subnegotiation option of the extended
  * channel (README, Protocol). */
@@ -466,6 +513,7 @@ struct client {
     unsigned char iac_cmd;  /* the telnet command being read */
     unsigned char act_intr; /* found by the framer: interrupt (2: after lines) */
     unsigned char act_tm;   /* ... telnet asked for a timing mark */
+    unsigned char act_hello;/* ... hello, before any line of this read */
     buf act_comp;           /* ... completion requests: [u32 len][request] */
     unsigned char got_line; /* first line seen (HTTP check) */
     unsigned char http_done;/* TCP: its first bytes are no HTTP request */
@@ -551,6 +599,7 @@ struct worker {
     unsigned char user_int; /* ... asked for by the client */
     unsigned char waiting;  /* blocked reading the client's input */
     unsigned char completing; /* running a completion, not a statement */
+    unsigned char parked;   /* waiting on its client, not counted in nworkers */
     unsigned char exited;
     double int_deadline;    /* a user interrupt not obeyed by then:
                                abandon the statement (0: none) */
@@ -652,7 +701,8 @@ struct manhole {
     int wake_fd_set;        /* ... and the wake-up descriptor was written */
     int stopping;
     worker *workers;
-    int nworkers;           /* not abandoned, not exited */
+    int nworkers;           /* not abandoned, not parked, not exited */
+    int nparked;            /* waiting on their clients (park_locked) */
     int nidle;              /* workers waiting for a job (nsoon included) */
     int nspin;              /* workers spinning for one (WARM_SPIN) */
     int nsoon;              /* workers that look at the queue again without
@@ -671,7 +721,9 @@ struct manhole {
     int nreap;              /* exited workers to join */
     pthread_t wd_thread;
     worker hostw;           /* non-threaded mode */
-    char ps1[64], ps2[64];  /* prompts as last computed, for the watchdog */
+    char *prompt[2];        /* sys.ps1, sys.ps2 as last computed, for the host
+                               and the watchdog (NULL: the defaults) */
+    size_t prompt_len[2];
     char *logq[LOGQ_MAX];
     int logq_head, logq_len, logq_dropped;
     char log_last[160];     /* the last line queued, and how often it came */
@@ -836,6 +888,7 @@ static int set_err(manhole *mh, int code, const char *fmt, ...)
     va_list ap;
     va_start(ap, fmt);
     vsnprintf(mh->errmsg, sizeof mh->errmsg, fmt, ap);
+    mh->errmsg[utf8_complete(mh->errmsg, strlen(mh->errmsg))] = 0; /* cut whole */
     va_end(ap);
     return code;
 }
@@ -856,6 +909,7 @@ static void logq_push(manhole *mh, int locked, int level, const char *fmt, ...)
     va_start(ap, fmt);
     vsnprintf(tmp, sizeof tmp, fmt, ap);
     va_end(ap);
+    tmp[utf8_complete(tmp, strlen(tmp))] = 0; /* a cut line ends on a character */
     if (!locked)
         pthread_mutex_lock(&mh->lock);
     /* The same line again within LOG_REPEAT_WINDOW is counted, not
@@ -1777,7 +1831,10 @@ static int poller_wait(manhole *mh, int timeout_ms, ready *out)
 /* Framing: bytes from the socket into line records                     */
 /* ==================================================================== */
 
-enum { IAC_NONE, IAC_CMD, IAC_OPT, IAC_SB, IAC_SB_DATA, IAC_SB_IAC };
+/* Telnet parser states. SB_SKIP: a subnegotiation too long or broken,
+ * dropped up to its IAC SE (nothing in it is ever read as a line). */
+enum { IAC_NONE, IAC_CMD, IAC_OPT, IAC_SB, IAC_SB_DATA, IAC_SB_IAC, IAC_SB_SKIP,
+       IAC_SB_SKIP_IAC };
 
 /* Frame results. */
 enum { FR_OK = 0, FR_HTTP = -1, FR_NOMEM = -2, FR_AUTH = -3 };
@@ -1793,18 +1850,37 @@ static int rec_add(buf *recs, int kind, const char *p, size_t n)
     return 0;
 }
 
+static int rec_vmsg(buf *recs, int kind, const char *fmt, va_list ap)
+{
+    char msg[256];
+    int n = vsnprintf(msg, sizeof msg, fmt, ap);
+    if (n < 0)
+        return -1;
+    return rec_add(recs, kind, msg, utf8_complete(msg, MH_MIN((size_t)n, sizeof msg - 1)));
+}
+
+/* A bad line: a REC_ERROR record with this message. */
 static int rec_error(buf *recs, const char *fmt, ...)
     __attribute__((format(printf, 2, 3)));
 static int rec_error(buf *recs, const char *fmt, ...)
 {
-    char msg[256];
     va_list ap;
     va_start(ap, fmt);
-    int n = vsnprintf(msg, sizeof msg, fmt, ap);
+    int r = rec_vmsg(recs, REC_ERROR, fmt, ap);
     va_end(ap);
-    if (n < 0)
-        return -1;
-    return rec_add(recs, REC_ERROR, msg, MH_MIN((size_t)n, sizeof msg - 1));
+    return r;
+}
+
+/* Something not acted upon: a REC_NOTE record with this message. */
+static int rec_note(buf *recs, const char *fmt, ...)
+    __attribute__((format(printf, 2, 3)));
+static int rec_note(buf *recs, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    int r = rec_vmsg(recs, REC_NOTE, fmt, ap);
+    va_end(ap);
+    return r;
 }
 
 /* Does a first line look like HTTP (a request line or a Host: header)? */
@@ -1897,7 +1973,7 @@ static int end_line(client *c, buf *recs)
             r = rec_add(recs, REC_LINE, p, n);
             if (mh->cfg.audit)
                 LOG(mh, MANHOLE_LOG_AUDIT, "client #%u input: %.*s", c->id,
-                    (int)MH_MIN(n, 900), p);
+                    (int)utf8_cut(p, n, 900), p);
         }
     }
     buf_clear(&c->line);
@@ -1993,6 +2069,26 @@ static int auth_record(client *c)
     return auth_response(c, p + 1, n - 1);
 }
 
+/* The length of a completion request's id ("<id> <text>": digits, then a
+ * space); 0 if it has none. */
+static size_t comp_id_len(const char *p, size_t n)
+{
+    size_t i = 0;
+    while (i < n && i < 18 && p[i] >= '0' && p[i] <= '9')
+        i++;
+    return i > 0 && i < n && p[i] == ' ' ? i : 0;
+}
+
+/* A request type for a message: 'X', or 0xNN when it is no letter. */
+static const char *type_name(unsigned char t, char out[8])
+{
+    if (t > 0x20 && t < 0x7f && t != '\'')
+        snprintf(out, 8, "'%c'", t);
+    else
+        snprintf(out, 8, "0x%02x", t);
+    return out;
+}
+
 /* A subnegotiation ended (IAC SE). Ours (option 77) carries the extended
  * channel's requests (before authentication, only that); any other is
  * dropped. */
@@ -2008,13 +2104,22 @@ static int sb_end(client *c, buf *recs)
     }
     if (c->sb_opt == TN_OPT_MANHOLE && n > 0) {
         switch (p[0]) {
-        case 'H': /* hello: in order with the lines, so the worker answers */
-            r = rec_add(recs, REC_HELLO, p + 1, n - 1) < 0 ? FR_NOMEM : FR_OK;
+        case 'H': /* hello: before any line of this read, client_read()
+                     answers it (client_hello()); else in order with them */
+            if (buf_used(recs) == 0 && !c->act_hello)
+                c->act_hello = 1;
+            else
+                r = rec_add(recs, REC_HELLO, p + 1, n - 1) < 0 ? FR_NOMEM : FR_OK;
             break;
         case 'I':
             act_interrupt(c, recs);
             break;
         case 'C': { /* [u32 length][request], for client_read() */
+            if (comp_id_len(p + 1, n - 1) == 0) {
+                r = rec_note(recs, "manhole: completion request without an id; ignored") < 0
+                        ? FR_NOMEM : FR_OK;
+                break;
+            }
             uint32_t len = (uint32_t)(n - 1);
             r = buf_add(&c->act_comp, &len, 4) < 0 || buf_add(&c->act_comp, p + 1, n - 1) < 0
                     ? FR_NOMEM : FR_OK;
@@ -2031,8 +2136,12 @@ static int sb_end(client *c, buf *recs)
                 r = rec_add(recs, REC_SCRIPT, p + 1, n - 1) < 0 ? FR_NOMEM : FR_OK;
             break;
         }
-        default: /* a later version's request: ignored */
+        default: { /* a later version's request: not done, and said */
+            char t[8];
+            r = rec_note(recs, "manhole: unknown request %s; ignored",
+                         type_name((unsigned char)p[0], t)) < 0 ? FR_NOMEM : FR_OK;
             break;
+        }
         }
     }
     buf_free(&c->sb);
@@ -2045,10 +2154,165 @@ static size_t line_cap(const client *c)
     return c->auth ? MH_SECRET_MAX : c->mh->cfg.max_line;
 }
 
+/* Drop the rest of the subnegotiation being read, up to its IAC SE. */
+static void sb_skip(client *c)
+{
+    buf_free(&c->sb);
+    c->iac = IAC_SB_SKIP;
+}
+
+/* A completion request too long to read gets an empty answer: its id and
+ * a text with a NUL byte, which completion_request() answers empty at
+ * once. Without an id there is nobody to answer: said. */
+static int comp_refuse(client *c, const char *p, size_t n, buf *recs)
+{
+    size_t k = comp_id_len(p, n);
+    if (k == 0)
+        return rec_note(recs, "manhole: completion request without an id; ignored");
+    char req[24]; /* k <= 18 */
+    memcpy(req, p, k);
+    req[k] = ' ';
+    req[k + 1] = 0;
+    uint32_t len = (uint32_t)(k + 2);
+    return buf_add(&c->act_comp, &len, 4) < 0 || buf_add(&c->act_comp, req, len) < 0 ? -1 : 0;
+}
+
+/* Is the subnegotiation being read a record of the extended channel, of
+ * a type our clients send? Such a record was framed on purpose (its 0xFF
+ * bytes doubled): its IAC SE will come. Anything else starting with IAC
+ * SB is more likely pasted text (0xFF 0xFA is "\xff\xfa" in Latin-1), as
+ * the server negotiates no option. */
+static int sb_is_record(const client *c)
+{
+    return c->sb_opt == TN_OPT_MANHOLE && c->sb.len > 0 && c->sb.p[0] &&
+           strchr("HICE", c->sb.p[0]);
+}
+
+/* A subnegotiation that is no record outgrew its bound, or broke: a bad
+ * line, dropped up to the next line end (it may be text that never ends
+ * with IAC SE). */
+static int sb_resync(client *c, buf *recs, size_t lim)
+{
+    buf_free(&c->sb);
+    c->iac = IAC_NONE;
+    if (lim == 0)
+        return FR_OK; /* broken: its bytes go on as text */
+    buf_free(&c->line);
+    c->discard = 1;
+    c->got_line = 1;
+    return rec_error(recs, "manhole: telnet subnegotiation longer than %zu bytes; discarded",
+                     lim) < 0 ? FR_NOMEM : FR_OK;
+}
+
+/* A subnegotiation outgrew its bound (ours may carry a script of max_line
+ * bytes, anything else a few hundred). A record is said once, then
+ * dropped whole, up to its IAC SE, however its bytes are cut into reads;
+ * the line it interrupted goes on after it. */
+static int sb_overflow(client *c, buf *recs, size_t lim)
+{
+    if (c->auth)
+        return FR_AUTH; /* no secret is that long */
+    if (!sb_is_record(c))
+        return sb_resync(c, recs, lim);
+    unsigned char type = (unsigned char)c->sb.p[0];
+    char t[8];
+    int r;
+    if (type == 'E') /* as a statement that failed: S 1 and a prompt */
+        r = rec_error(recs, "manhole: script longer than %zu bytes; discarded",
+                      c->mh->cfg.max_line);
+    else if (type == 'C')
+        r = comp_refuse(c, c->sb.p + 1, c->sb.len - 1, recs);
+    else
+        r = rec_note(recs, "manhole: request %s longer than %zu bytes; discarded",
+                     type_name(type, t), lim);
+    sb_skip(c);
+    return r < 0 ? FR_NOMEM : FR_OK;
+}
+
+/* One more payload byte of a subnegotiation. */
+static int sb_byte(client *c, unsigned char ch, buf *recs)
+{
+    size_t lim = c->auth                        ? AUTH_SB_MAX
+                 : c->sb_opt == TN_OPT_MANHOLE ? c->mh->cfg.max_line + 64
+                                               : SB_MAX_OTHER;
+    c->iac = IAC_SB_DATA;
+    if (c->sb.len >= lim)
+        return sb_overflow(c, recs, lim);
+    return buf_add(&c->sb, &ch, 1) < 0 ? FR_NOMEM : FR_OK;
+}
+
+/* IAC <command> inside a subnegotiation, where only IAC IAC and IAC SE
+ * belong: it is broken. A record is said once and dropped up to its IAC
+ * SE (its tail is no line either); an interrupt in it still interrupts.
+ * Anything else is dropped, and its bytes go on as text. */
+static int sb_broken(client *c, unsigned char ch, buf *recs)
+{
+    if (!sb_is_record(c))
+        return sb_resync(c, recs, 0);
+    if (c->auth)
+        return FR_AUTH; /* no client of ours sends one before the secret */
+    if (ch == TN_IP || ch == TN_BRK)
+        act_interrupt(c, recs);
+    sb_skip(c);
+    return rec_note(recs, "manhole: malformed telnet subnegotiation (IAC %u inside it); "
+                          "discarded up to its IAC SE", ch) < 0 ? FR_NOMEM : FR_OK;
+}
+
+/* One byte after IAC (c->iac is not IAC_NONE). Returns 1 for IAC IAC
+ * outside a subnegotiation (a literal 0xFF byte of the line), 0 when the
+ * byte was taken, or an FR_* error. */
+static int telnet_byte(client *c, unsigned char ch, buf *recs)
+{
+    switch (c->iac) {
+    case IAC_CMD:
+        if (ch == TN_IAC) {
+            c->iac = IAC_NONE;
+            return 1;
+        }
+        c->iac = (ch >= 251 && ch <= 254) ? IAC_OPT : ch == TN_SB ? IAC_SB : IAC_NONE;
+        c->iac_cmd = ch;
+        if ((ch == TN_IP || ch == TN_BRK) && !c->auth)
+            act_interrupt(c, recs);
+        return 0;
+    case IAC_OPT:
+        /* telnet asks for a timing mark after an interrupt and shows
+         * nothing until it comes (RFC 860): client_read() answers it. */
+        c->iac = IAC_NONE;
+        if (c->iac_cmd == TN_DO && ch == TN_OPT_TM && !c->auth)
+            c->act_tm = 1;
+        return 0;
+    case IAC_SB:
+        c->sb_opt = ch;
+        buf_free(&c->sb);
+        c->iac = IAC_SB_DATA;
+        return 0;
+    case IAC_SB_DATA:
+        if (ch != TN_IAC)
+            return sb_byte(c, ch, recs);
+        c->iac = IAC_SB_IAC;
+        return 0;
+    case IAC_SB_IAC:
+        if (ch == TN_IAC)
+            return sb_byte(c, ch, recs); /* a doubled 0xFF in the payload */
+        if (ch != TN_SE)
+            return sb_broken(c, ch, recs);
+        c->iac = IAC_NONE;
+        return sb_end(c, recs);
+    case IAC_SB_SKIP:
+        if (ch == TN_IAC)
+            c->iac = IAC_SB_SKIP_IAC;
+        return 0;
+    default: /* IAC_SB_SKIP_IAC: SE ends it; IAC IAC is a byte of it */
+        c->iac = ch == TN_SE ? IAC_NONE : IAC_SB_SKIP;
+        if ((ch == TN_IP || ch == TN_BRK) && !c->auth)
+            act_interrupt(c, recs);
+        return 0;
+    }
+}
+
 /* Feed bytes into the framer. Complete lines go to recs. */
 static int frame_bytes(client *c, const unsigned char *p, size_t n, buf *recs)
 {
-    manhole *mh = c->mh;
     size_t i = 0;
     while (i < n) {
         unsigned char ch = p[i];
@@ -2061,80 +2325,12 @@ static int frame_bytes(client *c, const unsigned char *p, size_t n, buf *recs)
         }
         if (c->iac != IAC_NONE) {
             i++;
-            switch (c->iac) {
-            case IAC_CMD:
-                if (ch == TN_IAC) { /* IAC IAC: a literal 0xFF byte */
-                    c->iac = IAC_NONE;
-                    goto literal;
-                }
-                c->iac = (ch >= 251 && ch <= 254) ? IAC_OPT
-                         : ch == TN_SB            ? IAC_SB
-                                                  : IAC_NONE;
-                c->iac_cmd = ch;
-                if ((ch == TN_IP || ch == TN_BRK) && !c->auth)
-                    act_interrupt(c, recs);
-                break;
-            case IAC_OPT:
-                c->iac = IAC_NONE;
-                if (c->iac_cmd == TN_DO && ch == TN_OPT_TM && !c->auth) {
-                    /* telnet asks for a timing mark after an interrupt and
-                     * shows nothing until it comes (RFC 860): everything
-                     * before it has been taken in, so it comes now, after
-                     * the output already produced. */
-                    c->act_tm = 1;
-                }
-                break;
-            case IAC_SB:
-                c->sb_opt = ch;
-                buf_free(&c->sb);
-                c->iac = IAC_SB_DATA;
-                break;
-            case IAC_SB_DATA:
-                if (ch == TN_IAC) {
-                    c->iac = IAC_SB_IAC;
-                    break;
-                }
-            sb_byte: {
-                /* Bounded: ours may carry a script of max_line bytes,
-                 * anything else a few hundred, anything before
-                 * authentication an authentication record. Past that it
-                 * is a bad line: said so, and dropped up to the next line
-                 * end (or a refusal). */
-                size_t lim = c->auth                        ? AUTH_SB_MAX
-                             : c->sb_opt == TN_OPT_MANHOLE ? mh->cfg.max_line + 64
-                                                           : SB_MAX_OTHER;
-                if (c->sb.len >= lim) {
-                    buf_free(&c->sb);
-                    c->iac = IAC_NONE;
-                    if (c->auth)
-                        return FR_AUTH;
-                    buf_free(&c->line);
-                    c->discard = 1;
-                    c->got_line = 1;
-                    if (rec_error(recs, "manhole: telnet subnegotiation longer "
-                                        "than %zu bytes; discarded", lim) < 0)
-                        return FR_NOMEM;
-                    break;
-                }
-                if (buf_add(&c->sb, &ch, 1) < 0)
-                    return FR_NOMEM;
-                c->iac = IAC_SB_DATA;
-                break;
-            }
-            case IAC_SB_IAC:
-                if (ch == TN_IAC)
-                    goto sb_byte; /* a doubled 0xFF in the payload */
-                c->iac = IAC_NONE;
-                if (ch == TN_SE) {
-                    int r = sb_end(c, recs);
-                    if (r < 0)
-                        return r;
-                } else {
-                    buf_free(&c->sb); /* malformed: dropped */
-                }
-                break;
-            }
-            continue;
+            int t = telnet_byte(c, ch, recs);
+            if (t < 0)
+                return t;
+            if (t == 0)
+                continue;
+            ch = TN_IAC; /* IAC IAC: a literal 0xFF byte */
         literal:
             if (c->discard)
                 continue;
@@ -2417,6 +2613,41 @@ static void thread_output_wait(client *c)
 
 static int client_flush(client *c);
 static void client_close(client *c, const char *why);
+static int worker_spawn_locked(manhole *mh);
+
+/* Workers parked at once, at most (see park_locked()). */
+#define MAX_PARKED 64
+
+/* A worker about to wait on its client (for room in its output, or for a
+ * line of input) is parked: it leaves the pool's count while it waits, so
+ * that other clients' statements, completions and hellos do not wait for
+ * a client that does not read or answer. It uses no CPU meanwhile, and
+ * its statement's timeout (for output) still runs. A job already queued
+ * gets a worker now. At most MAX_PARKED at once: past that a waiting
+ * worker stays counted, as a busy one. Lock held. */
+static void park_locked(worker *w)
+{
+    manhole *mh = w->mh;
+    if (w->is_host || w->parked || w->timed_out || mh->nparked >= MAX_PARKED)
+        return;
+    w->parked = 1;
+    mh->nparked++;
+    mh->nworkers--;
+    if (mh->njobs > mh->nidle || (mh->cq_head && mh->nidle == 0))
+        worker_spawn_locked(mh);
+}
+
+/* The wait is over: counted again (the pool may be over max_workers
+ * until this job ends; worker_main() then lets the extra one go). An
+ * abandoned worker was unparked by abandon_locked(). Lock held. */
+static void unpark_locked(worker *w)
+{
+    if (!w->parked)
+        return;
+    w->parked = 0;
+    w->mh->nparked--;
+    w->mh->nworkers++;
+}
 
 /* Wait until the client's pending output drops below the cap, or the
  * statement is abandoned, the client gone, the manhole closing. Lock and
@@ -2432,9 +2663,11 @@ static void output_wait(worker *w, client *c)
         pthread_mutex_unlock(&mh->lock);
         ts = PyEval_SaveThread();
         pthread_mutex_lock(&mh->lock);
+        park_locked(w);
         while (!c->dead && !mh->stopping && !w->timed_out &&
                buf_used(&c->out) + c->tx_backlog >= cap)
             pthread_cond_wait(&c->cv, &mh->lock);
+        unpark_locked(w);
         c->out_waiters--;
         pthread_mutex_unlock(&mh->lock);
         PyEval_RestoreThread(ts);
@@ -2954,7 +3187,14 @@ static PyObject *cfunc_call(PyObject *self, PyObject *args, PyObject *kw)
                         : hc.rc == MANHOLE_RAISE_KEY  ? PyExc_KeyError
                                                       : PyExc_RuntimeError;
         hc.err[sizeof hc.err - 1] = 0;
-        PyErr_SetString(exc, hc.err[0] ? hc.err : "error in C function");
+        /* The host's text, maybe cut by its own snprintf: decoded with
+         * replacement, so a cut character cannot hide the error. */
+        const char *et = hc.err[0] ? hc.err : "error in C function";
+        PyObject *m = PyUnicode_DecodeUTF8(et, (Py_ssize_t)strlen(et), "replace");
+        if (m) {
+            PyErr_SetObject(exc, m);
+            Py_DECREF(m);
+        }
     } else {
         switch (hc.ret.type) {
         case MANHOLE_BOOL:
@@ -3145,6 +3385,64 @@ static PyObject *proxy_writelines(PyObject *self, PyObject *lines)
 }
 
 static void watchdog_kick_locked(manhole *mh, double deadline);
+static void say_line(worker *w, client *c, const char *data, size_t len);
+
+/* Take the record at offset off (from the head) out of c's input queue,
+ * keeping those before it in place and in order. Lock held. */
+static void inq_remove_locked(client *c, size_t off, size_t whole)
+{
+    char *h = c->inq.p + c->inq.head;
+    memmove(h + whole, h, off);
+    c->inq.head += whole;
+    input_drained_locked(c);
+}
+
+/* A statement waits for input: what it does with the client's queued
+ * records (lock held; dropped while the client is told something). The
+ * first line is its answer. A bad line or a note is said, and waited
+ * past, as at the prompt. A hello is answered now (extended mode from
+ * here; the W that follows tells the client a line is still awaited). A
+ * script stays queued: it runs after the statement. End of input is left
+ * for the session. Returns 1 when the wait is over (line holds the
+ * answer, or nothing at end of input), 0 to wait on. */
+static int input_next_locked(client *c, buf *line, int *told)
+{
+    size_t off = 0;
+    while (buf_used(&c->inq) >= off + 5) {
+        const char *h = c->inq.p + c->inq.head + off;
+        unsigned char kind = (unsigned char)h[0];
+        uint32_t len;
+        memcpy(&len, h + 1, 4);
+        size_t whole = 5 + (size_t)len;
+        if (kind == REC_EOF)
+            return 1;
+        if (kind == REC_SCRIPT) {
+            off += whole;
+            continue;
+        }
+        if (kind == REC_LINE) {
+            int ok = buf_add(line, h + 5, len) == 0 && buf_add(line, "\n", 1) == 0;
+            inq_remove_locked(c, off, whole);
+            if (ok)
+                return 1;
+            continue;
+        }
+        buf data = {0};
+        buf_add(&data, h + 5, len);
+        inq_remove_locked(c, off, whole);
+        if (kind == REC_HELLO)
+            c->ext = 1;
+        pthread_mutex_unlock(&c->mh->lock);
+        if (kind == REC_HELLO)
+            client_record(NULL, c, 'H', "1", 1);
+        else
+            say_line(NULL, c, data.p ? data.p : "", data.len);
+        buf_free(&data);
+        pthread_mutex_lock(&c->mh->lock);
+        *told = 0;
+    }
+    return 0;
+}
 
 /* Read one line of the client's input (for input(), pdb, ...), with its
  * "\n"; "" at end of input. Waits for the client in threaded mode (the
@@ -3205,39 +3503,8 @@ static PyObject *stdin_readline(worker *w, client *c, int binary)
         }
         if (w->want_int && !w->user_int)
             break; /* closing, or the client is gone */
-        if (buf_used(&c->inq) >= 5) {
-            unsigned char kind = (unsigned char)c->inq.p[c->inq.head];
-            uint32_t len;
-            memcpy(&len, c->inq.p + c->inq.head + 1, 4);
-            if (kind == REC_EOF)
-                break; /* leave it for the session */
-            const char *data = c->inq.p + c->inq.head + 5;
-            if (kind == REC_LINE) {
-                int ok = buf_add(&line, data, len) == 0 && buf_add(&line, "\n", 1) == 0;
-                c->inq.head += 5 + len;
-                input_drained_locked(c);
-                if (ok)
-                    break;
-                continue;
-            }
-            if (kind == REC_ERROR) { /* said, as at the prompt; then wait on */
-                buf msg = {0};
-                buf_add(&msg, data, len);
-                buf_add(&msg, "\n", 1);
-                c->inq.head += 5 + len;
-                input_drained_locked(c);
-                pthread_mutex_unlock(&mh->lock);
-                client_error(NULL, c, msg.p, msg.len);
-                buf_free(&msg);
-                told = 0;
-                pthread_mutex_lock(&mh->lock);
-                continue;
-            }
-            /* HELLO, SCRIPT: not input for a statement; skipped */
-            c->inq.head += 5 + len;
-            input_drained_locked(c);
-            continue;
-        }
+        if (input_next_locked(c, &line, &told))
+            break;
         if (w->is_host)
             break;
         if (!told && c->ext) { /* tell a rich client that we wait for a line */
@@ -3247,10 +3514,12 @@ static PyObject *stdin_readline(worker *w, client *c, int binary)
             told = 1;
             continue;
         }
+        park_locked(w);
         c->in_waiters++;
         pthread_cond_wait(&c->cv, &mh->lock);
         c->in_waiters--;
     }
+    unpark_locked(w);
     if (w->waiting) {
         w->waiting = 0;
         if (left > 0) {
@@ -4697,6 +4966,57 @@ static PyObject *prompt_str(worker *w, client *c, PyObject *p, int *rc)
     return str;
 }
 
+/* Prompts are kept whole up to PROMPT_MAX bytes (past that, cut on a
+ * character boundary), for those who show one without the GIL: a new
+ * client's greeting, a hello's reply, the watchdog's report. */
+#define PROMPT_MAX 4096
+
+/* Remember a prompt as computed (UTF-8). Lock held. */
+static void prompt_set_locked(manhole *mh, int more, const char *s, size_t n)
+{
+    n = utf8_cut(s, n, PROMPT_MAX);
+    if (mh->prompt[more] && mh->prompt_len[more] == n && memcmp(mh->prompt[more], s, n) == 0)
+        return;
+    char *t = malloc(n + 1);
+    if (!t)
+        return; /* the one before stays */
+    memcpy(t, s, n);
+    t[n] = 0;
+    free(mh->prompt[more]);
+    mh->prompt[more] = t;
+    mh->prompt_len[more] = n;
+}
+
+/* The prompt last computed (the default before any). Lock held. */
+static const char *prompt_get_locked(manhole *mh, int more, size_t *n)
+{
+    if (!mh->prompt[more]) {
+        *n = 4;
+        return more ? "... " : ">>> ";
+    }
+    *n = mh->prompt_len[more];
+    return mh->prompt[more];
+}
+
+/* The remembered prompt to c, as its mode wants it: a P record, or the
+ * text. Lock held. */
+static void prompt_out_locked(client *c, int more)
+{
+    size_t n;
+    const char *s = prompt_get_locked(c->mh, more, &n);
+    if (c->ext) {
+        buf b = {0};
+        buf_add(&b, more ? "2" : "1", 1);
+        buf_add(&b, s, n);
+        record_build(&c->out, 'P', b.p, b.len);
+        c->out_tail_e = 0;
+        buf_free(&b);
+    } else {
+        buf_add(&c->out, s, n);
+    }
+    c->out_nl = 1;
+}
+
 /* The prompt as the interactive interpreter would print it: str(sys.ps1)
  * or str(sys.ps2) when set, else ">>> " / "... ". The text is remembered
  * so the host and the watchdog can show it without the GIL. Returns
@@ -4722,13 +5042,8 @@ static int write_prompt(worker *w, client *c, int more)
             n = 4;
         }
     }
-    char *cache = more ? mh->ps2 : mh->ps1;
-    size_t cn = MH_MIN((size_t)n, sizeof mh->ps1 - 1);
     pthread_mutex_lock(&mh->lock);
-    if (strncmp(cache, s, cn) != 0 || cache[cn] != 0) {
-        memcpy(cache, s, cn);
-        cache[cn] = 0;
-    }
+    prompt_set_locked(mh, more, s, (size_t)n);
     int ext = c->ext;
     pthread_mutex_unlock(&mh->lock);
     if (ext) {
@@ -5353,6 +5668,17 @@ static int session_script(worker *w, client *c, const char *data, size_t len)
     return rc;
 }
 
+/* A message of the framer's (a bad line, a note) to the client's stderr,
+ * as a line. */
+static void say_line(worker *w, client *c, const char *data, size_t len)
+{
+    buf m = {0};
+    buf_add(&m, data, len);
+    buf_add(&m, "\n", 1);
+    client_error(w, c, m.p, m.len);
+    buf_free(&m);
+}
+
 /* Handle one input record. Returns RUN_*. GIL held. */
 static int session_record(worker *w, client *c, int kind, const char *data,
                           size_t len)
@@ -5360,13 +5686,14 @@ static int session_record(worker *w, client *c, int kind, const char *data,
     if (kind == REC_ERROR) {
         buf_clear(&c->src); /* a damaged block is not worth finishing */
         c->src_compile = 0;
-        buf m = {0};
-        buf_add(&m, data, len);
-        buf_add(&m, "\n", 1);
-        client_error(w, c, m.p, m.len);
-        buf_free(&m);
+        say_line(w, c, data, len);
         c->raised = 1;
         return write_prompt(w, c, 0);
+    }
+    if (kind == REC_NOTE) { /* said, and the same prompt again */
+        say_line(w, c, data, len);
+        write_prompt(w, c, buf_used(&c->src) > 0);
+        return RUN_OK;
     }
     if (kind == REC_HELLO) {
         /* The extended channel from here on; the prompt again, as a
@@ -5898,6 +6225,8 @@ static void *worker_main(void *arg)
             }
             continue;
         }
+        if (mh->nworkers > mh->cfg.max_workers)
+            break; /* back from a wait, or started for a completion: extra */
         client *c = dequeue_locked(mh);
         if (!c && warm && mh->nspin == 0 && WARM_SPIN > 0) {
             warm = 0;
@@ -5963,11 +6292,18 @@ gone:
 #define MAX_THREADS_ABANDONED 64
 #define SPAWN_DELAY 0.002 /* seconds without progress before another worker */
 
-/* Start a worker if the pool may grow. Returns 1 if it did. Lock held. */
-static int worker_spawn_locked(manhole *mh)
+/* Completions may have this many workers beyond max_workers: a person
+ * waits for them, not behind statements (the extra workers take no
+ * statement, and end when no completion is left). */
+#define COMPLETION_WORKERS 2
+
+/* Start a worker if the pool may grow past `size` (max_workers, or more
+ * for completions). Threads stay bounded: the pool, the parked ones and
+ * MAX_THREADS_ABANDONED. Returns 1 if it did. Lock held. */
+static int worker_start_locked(manhole *mh, int size)
 {
-    if (mh->stopping || mh->nworkers >= mh->cfg.max_workers ||
-        mh->nthreads >= mh->cfg.max_workers + MAX_THREADS_ABANDONED)
+    if (mh->stopping || mh->nworkers >= size ||
+        mh->nthreads >= size + mh->nparked + MAX_THREADS_ABANDONED)
         return 0;
     worker *w = calloc(1, sizeof *w);
     if (!w)
@@ -5991,6 +6327,11 @@ static int worker_spawn_locked(manhole *mh)
     mh->nthreads++;
     watchdog_ensure_locked(mh);
     return 1;
+}
+
+static int worker_spawn_locked(manhole *mh)
+{
+    return worker_start_locked(mh, mh->cfg.max_workers);
 }
 
 /* Join workers that have exited (cheap; host thread). */
@@ -6027,7 +6368,12 @@ static void abandon_locked(worker *w, int interrupted)
     client *c = w->c;
     w->timed_out = 1;
     w->hold_until = 0; /* (what it holds is in c->out, sent below) */
-    mh->nworkers--; /* a slot in the pool is free again */
+    if (w->parked) { /* out of the count already */
+        w->parked = 0;
+        mh->nparked--;
+    } else {
+        mh->nworkers--; /* a slot in the pool is free again */
+    }
     if (mh->njobs > mh->nidle && mh->starve_since == 0)
         mh->starve_since = now_mono();
     if (w->completing) {
@@ -6069,18 +6415,9 @@ static void abandon_locked(worker *w, int interrupted)
             record_build(&c->out, 'E', msg, (size_t)MH_MIN(n, (int)sizeof msg - 1));
         else
             buf_add(&c->out, msg, (size_t)MH_MIN(n, (int)sizeof msg - 1));
-        if (c->ext) {
+        if (c->ext)
             record_build(&c->out, 'S', "1", 1);
-            buf b = {0};
-            buf_add(&b, "1", 1);
-            buf_add(&b, mh->ps1, strlen(mh->ps1));
-            record_build(&c->out, 'P', b.p, b.len);
-            c->out_tail_e = 0;
-            buf_free(&b);
-        } else {
-            buf_add(&c->out, mh->ps1, strlen(mh->ps1));
-        }
-        c->out_nl = 1;
+        prompt_out_locked(c, 0);
         mark_dirty_locked(c);
     }
     c->runner = NULL;
@@ -6506,12 +6843,43 @@ static int completion_request(client *c, const char *p, size_t n)
             __atomic_store_n(&mh->jobs_seq, mh->jobs_seq + 1, __ATOMIC_RELEASE);
         pthread_cond_signal(&mh->work_cv);
         if (mh->nidle == 0) /* every worker busy (maybe with this client) */
-            worker_spawn_locked(mh);
+            worker_start_locked(mh, mh->cfg.max_workers + COMPLETION_WORKERS);
     } else {
         wake_host_locked(mh);
     }
     pthread_mutex_unlock(&mh->lock);
     return 0;
+}
+
+/* A hello that came before any line of its read. A client with nothing
+ * queued or running is answered here and now: the reply and the prompt
+ * (the one last computed, as in the greeting) need no Python, so a hello
+ * never waits for a worker. Otherwise it goes in line behind what the
+ * client sent before it (a statement waiting for input answers it at
+ * once: input_next_locked()). Host thread. -1 when out of memory. */
+static int client_hello(client *c)
+{
+    manhole *mh = c->mh;
+    int r = 0;
+    pthread_mutex_lock(&mh->lock);
+    if (c->dead || c->exiting) {
+    } else if (c->busy || buf_used(&c->inq) >= 5) {
+        r = rec_add(&c->inq, REC_HELLO, "1", 1);
+        if (c->in_waiters)
+            pthread_cond_broadcast(&c->cv);
+        if (!c->busy)
+            enqueue_locked(c);
+    } else {
+        /* Not busy: no worker has the session, so its fields are ours to
+         * read (the block being entered) and set (no S before this P). */
+        c->ext = 1;
+        c->raised = -1;
+        record_build(&c->out, 'H', "1", 1);
+        prompt_out_locked(c, buf_used(&c->src) > 0);
+        mark_dirty_locked(c);
+    }
+    pthread_mutex_unlock(&mh->lock);
+    return r;
 }
 
 /* Banner and first prompt: they need no Python, so the host sends them
@@ -6521,7 +6889,9 @@ static void client_greet(client *c)
     manhole *mh = c->mh;
     buf_add(&c->tx, mh->banner ? mh->banner : "", mh->banner_len);
     pthread_mutex_lock(&mh->lock);
-    buf_add(&c->tx, mh->ps1, strlen(mh->ps1));
+    size_t pn;
+    const char *ps = prompt_get_locked(mh, 0, &pn);
+    buf_add(&c->tx, ps, pn);
     c->out_nl = 1;
     c->tx_backlog = buf_used(&c->tx); /* (no worker sends before it) */
     pthread_mutex_unlock(&mh->lock);
@@ -6572,6 +6942,41 @@ static int client_admit(client *c)
     LOG(mh, MANHOLE_LOG_INFO, "client #%u authenticated", c->id);
     client_greet(c);
     return c->fd < 0 ? -1 : 0;
+}
+
+/* What the framer found in this read besides lines (see act_interrupt()):
+ * a timing mark, completion requests, a hello. Host thread. -1 when out
+ * of memory. */
+static int client_acts(client *c)
+{
+    manhole *mh = c->mh;
+    int r = 0;
+    if (c->act_tm) {
+        /* telnet asks for a timing mark after an interrupt and shows
+         * nothing until it comes (RFC 860): everything before it has been
+         * taken in, so it comes now, after the output already produced. */
+        static const char tm[3] = {(char)TN_IAC, (char)TN_WILL, (char)TN_OPT_TM};
+        c->act_tm = 0;
+        pthread_mutex_lock(&mh->lock);
+        buf_add(&c->out, tm, 3);
+        c->out_tail_e = 0;
+        mark_dirty_locked(c);
+        pthread_mutex_unlock(&mh->lock);
+    }
+    for (size_t i = 0; i + 4 <= buf_used(&c->act_comp);) {
+        uint32_t len;
+        memcpy(&len, c->act_comp.p + i, 4);
+        if (completion_request(c, c->act_comp.p + i + 4, len) < 0)
+            r = -1;
+        i += 4 + (size_t)len;
+    }
+    buf_free(&c->act_comp);
+    if (c->act_hello) {
+        c->act_hello = 0;
+        if (client_hello(c) < 0)
+            r = -1;
+    }
+    return r;
 }
 
 static void client_read(client *c)
@@ -6639,34 +7044,16 @@ static void client_read(client *c)
         buf_free(&recs);
         return;
     }
-    if (c->act_tm) {
-        /* telnet asks for a timing mark after an interrupt and shows
-         * nothing until it comes (RFC 860): everything before it has been
-         * taken in, so it comes now, after the output already produced. */
-        static const char tm[3] = {(char)TN_IAC, (char)TN_WILL, (char)TN_OPT_TM};
-        c->act_tm = 0;
-        pthread_mutex_lock(&mh->lock);
-        buf_add(&c->out, tm, 3);
-        c->out_tail_e = 0;
-        mark_dirty_locked(c);
-        pthread_mutex_unlock(&mh->lock);
-    }
-    for (size_t i = 0; i + 4 <= buf_used(&c->act_comp);) {
-        uint32_t len;
-        memcpy(&len, c->act_comp.p + i, 4);
-        if (completion_request(c, c->act_comp.p + i + 4, len) < 0)
-            drop = FR_NOMEM;
-        i += 4 + (size_t)len;
-    }
-    buf_free(&c->act_comp);
-    int intr = c->act_intr;
-    c->act_intr = 0;
-    if (intr == 1) /* before any line of this read: at the prompt */
-        client_interrupt(c, 0);
     if (c->pending && !c->auth && client_admit(c) < 0) {
         buf_free(&recs);
         return;
     }
+    if (client_acts(c) < 0)
+        drop = FR_NOMEM;
+    int intr = c->act_intr;
+    c->act_intr = 0;
+    if (intr == 1) /* before any line of this read: at the prompt */
+        client_interrupt(c, 0);
     if (buf_used(&recs) > 0) {
         pthread_mutex_lock(&mh->lock);
         if (!c->dead && !c->exiting) {
@@ -7226,8 +7613,8 @@ static int py_open(manhole *mh)
         PyObject *p = PySys_GetObject(more ? "ps2" : "ps1");
         PyObject *s = p ? PyObject_Str(p) : NULL;
         const char *t = s ? PyUnicode_AsUTF8(s) : NULL;
-        char *cache = more ? mh->ps2 : mh->ps1;
-        snprintf(cache, sizeof mh->ps1, "%s", t ? t : (more ? "... " : ">>> "));
+        if (t) /* (no other thread yet: the lock is not needed) */
+            prompt_set_locked(mh, more, t, strlen(t));
         Py_XDECREF(s);
         PyErr_Clear();
     }
@@ -7261,6 +7648,7 @@ fail: {
     PyObject *s = v ? PyObject_Str(v) : NULL;
     const char *txt = s ? PyUnicode_AsUTF8(s) : NULL;
     snprintf(what, sizeof what, "%s", txt ? txt : "?");
+    what[utf8_complete(what, strlen(what))] = 0;
     Py_XDECREF(s);
     Py_XDECREF(t);
     Py_XDECREF(v);
@@ -7327,8 +7715,6 @@ static manhole *mh_new(const manhole_config *cfg_in)
     cond_init(&mh->hc_cv);
     mh->hostw.mh = mh;
     mh->hostw.is_host = 1;
-    snprintf(mh->ps1, sizeof mh->ps1, ">>> ");
-    snprintf(mh->ps2, sizeof mh->ps2, "... ");
     pthread_once(&fork_once, fork_init);
     mh->fork_gen = fork_generation;
     return mh;
@@ -7559,6 +7945,8 @@ static void manhole_free(manhole *mh, int how)
     free(mh->tcp_host);
     free(mh->banner);
     free(mh->secret_path);
+    free(mh->prompt[0]);
+    free(mh->prompt[1]);
     buf_free(&mh->hostw.rec);
     pthread_mutex_destroy(&mh->lock);
     pthread_cond_destroy(&mh->work_cv);

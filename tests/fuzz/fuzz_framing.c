@@ -10,7 +10,8 @@
  *    same records (the framer keeps no state it should not);
  *  - every record is well formed; a line record is at most max_line
  *    bytes, holds no NUL, CR or LF, and decodes as UTF-8;
- *  - the partial line never exceeds max_line (memory stays bounded).
+ *  - the partial line never exceeds max_line (memory stays bounded);
+ *  - the framer's messages (bad lines, notes) are valid UTF-8.
  *
  *   make fuzz FUZZ_TIME=30
  */
@@ -69,7 +70,13 @@ static void check_records(const buf *recs)
         } else if (kind == REC_HELLO || kind == REC_SCRIPT) {
             if (len > fz.cfg.max_line + 64)
                 abort(); /* bounded like a subnegotiation */
-        } else if (kind != REC_ERROR && kind != REC_EOF) {
+        } else if (kind == REC_ERROR || kind == REC_NOTE) {
+            /* the framer's messages are whole UTF-8, however cut */
+            PyObject *m = PyUnicode_DecodeUTF8(d, (Py_ssize_t)len, "strict");
+            if (!m)
+                abort();
+            Py_DECREF(m);
+        } else if (kind != REC_EOF) {
             abort();
         }
         i += 5 + len;
