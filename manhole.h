@@ -112,7 +112,8 @@ typedef struct manhole_config {
                                of the manhole's namespace; 1: one for all */
 
     /* Limits (0 keeps the default; a negative value is MANHOLE_EINVAL). */
-    int max_clients;        /* connected clients; default: from the
+    int max_clients;        /* connected clients (a TCP client counts
+                               once authenticated); default: from the
                                descriptor limit at open (RLIMIT_NOFILE
                                less max(64, a quarter); 768 of 1024) */
     size_t max_line;        /* bytes in one input line; default 1 MiB */
@@ -137,14 +138,18 @@ typedef struct manhole_config {
     double close_timeout;   /* seconds manhole_close() waits for running
                                statements to end once interrupted; then it
                                leaves them behind; default 1 (0 too) */
-    /* Added in 0.5.0: TCP clients must send a secret first (README,
-     * Security). */
-    const char *tcp_secret;      /* the secret; NULL (default): the library
+    /* Added in 0.5.0: TCP clients must send a secret first, or prove
+     * they know it (README, Security). */
+    const char *tcp_secret;      /* the secret (1 to 128 bytes, no line
+                                    breaks); NULL (default): the library
                                     makes a random one and writes it to
                                     tcp_secret_file */
     const char *tcp_secret_file; /* where the secret is written (0600);
-                                    NULL: $XDG_RUNTIME_DIR/manhole/tcp-PORT.secret,
-                                    or /tmp/manhole-UID/tcp-PORT.secret */
+                                    NULL: DIR/tcp-ADDR:PORT.secret, named
+                                    after the address bound (IPv6:
+                                    tcp-[ADDR]:PORT.secret), DIR being
+                                    $XDG_RUNTIME_DIR/manhole if that is
+                                    absolute, else /tmp/manhole-UID */
     int tcp_insecure;            /* 1: no secret; any local user who can
                                     connect gets a prompt (logged as a
                                     warning) */
@@ -266,11 +271,13 @@ MANHOLE_API int manhole_tcp_port(const manhole *mh);
 
 /* The file holding the TCP secret (README, Security), or NULL: no TCP,
  * tcp_insecure, or a secret the host gave without a file. Clients such as
- * manhole-cli read it; a plain client sends its content as its first
- * line. The library removes the file in manhole_close(). Any thread. */
+ * manhole-cli read it (and prove they know it without sending it); a
+ * plain client sends its content as its first line. The library removes
+ * the file in manhole_close() if it is still the one it wrote. Any thread. */
 MANHOLE_API const char *manhole_tcp_secret_file(const manhole *mh);
 
-/* Number of connected clients. Host thread. */
+/* Number of connected clients (TCP clients once authenticated). Host
+ * thread. */
 MANHOLE_API int manhole_client_count(const manhole *mh);
 
 /* ---- The namespace ---------------------------------------------------- */
