@@ -34,9 +34,9 @@ extern "C" {
 /* ---- Version -------------------------------------------------------- */
 
 #define MANHOLE_VERSION_MAJOR 0
-#define MANHOLE_VERSION_MINOR 5
+#define MANHOLE_VERSION_MINOR 6
 #define MANHOLE_VERSION_PATCH 0
-#define MANHOLE_VERSION_STRING "0.5.0"
+#define MANHOLE_VERSION_STRING "0.6.0"
 /* One comparable number: 0xMMmmpp (0.4.0 is 0x000400). */
 #define MANHOLE_VERSION_NUMBER                                                 \
     ((MANHOLE_VERSION_MAJOR << 16) | (MANHOLE_VERSION_MINOR << 8) |            \
