@@ -131,8 +131,14 @@ examples: deps
 	$(MAKE) $(EXAMPLES)
 examples-bins: $(EXAMPLES)
 
-# The version, the soname and the .pc all come from manhole.h. The .pc is
-# written anew every time: it records PREFIX, which may differ per call.
+# The version, the soname and the .pc all come from manhole.h (the man
+# pages carry the version too, as written: tests/test_docs.py checks them).
+# The .pc is written anew every time: it records PREFIX, which may differ
+# per call. Its Libs carry an rpath to LIBDIR, so a program built with
+# `pkg-config --libs manhole` finds libmanhole.so at run time wherever it
+# was installed (a custom PREFIX, or /usr/local/lib before ldconfig ran);
+# PC_RPATH= (empty) leaves it out, as distribution packages want.
+PC_RPATH ?= -Wl,-rpath,$${libdir}
 $(B)/manhole.pc: FORCE
 	@mkdir -p $(B)
 	@printf '%s\n' '# License: BSD-2-Clause (see LICENSE)' 'prefix=$(PREFIX)' 'includedir=$(INCLUDEDIR)' 'libdir=$(LIBDIR)' '' \
@@ -140,7 +146,7 @@ $(B)/manhole.pc: FORCE
 	  'Description: A Python REPL inside a running C program' \
 	  'Version: $(VERSION)' \
 	  'Requires.private: $(PYTHON_PC)' \
-	  'Libs: -L$${libdir} -lmanhole' \
+	  'Libs: -L$${libdir} $(PC_RPATH) -lmanhole' \
 	  'Libs.private: -lpthread' \
 	  'Cflags: -I$${includedir}' > $@
 
@@ -161,11 +167,8 @@ install: all $(B)/manhole.pc
 	install -m 644 $(B)/manhole.pc $(DESTDIR)$(PKGCONFIGDIR)/manhole.pc
 	install -m 755 $(B)/demo/manhole-demo $(DESTDIR)$(BINDIR)/manhole-demo
 	install -m 755 $(B)/cli/manhole-cli $(DESTDIR)$(BINDIR)/manhole-cli
-	sed 's/@VERSION@/$(VERSION)/' man/manhole.3 > $(DESTDIR)$(MANDIR)/man3/manhole.3
-	sed 's/@VERSION@/$(VERSION)/' man/manhole-demo.1 > $(DESTDIR)$(MANDIR)/man1/manhole-demo.1
-	sed 's/@VERSION@/$(VERSION)/' man/manhole-cli.1 > $(DESTDIR)$(MANDIR)/man1/manhole-cli.1
-	chmod 644 $(DESTDIR)$(MANDIR)/man3/manhole.3 $(DESTDIR)$(MANDIR)/man1/manhole-demo.1 \
-	      $(DESTDIR)$(MANDIR)/man1/manhole-cli.1
+	install -m 644 man/manhole.3 $(DESTDIR)$(MANDIR)/man3/manhole.3
+	install -m 644 man/manhole-demo.1 man/manhole-cli.1 $(DESTDIR)$(MANDIR)/man1/
 	for f in $(MAN3_ALIASES); do \
 	    echo '.so man3/manhole.3' > $(DESTDIR)$(MANDIR)/man3/$$f.3; \
 	    chmod 644 $(DESTDIR)$(MANDIR)/man3/$$f.3; done

@@ -116,7 +116,7 @@ static void usage(FILE *f)
           "                     descriptor limit, 768 of 1024)\n"
           "  --max-line BYTES   longest input line (default 1048576)\n"
           "  --max-output BYTES pending output per client (default 1048576)\n"
-          "  --idle-timeout S   close clients silent for S seconds (0: never)\n"
+          "  --idle-timeout S   close clients silent for S seconds (default 0: never)\n"
           "  --audit            log every input line\n"
           "  --quiet            log only warnings and errors\n"
           "  --help             this text\n"

@@ -1,8 +1,11 @@
 """The manual pages keep up with the code: every public call, type, config
 field and constant of manhole.h is in manhole(3), every option of
-`manhole-demo --help` is in manhole-demo(1) (and nothing more), and once
-installed, `man manhole_open` (and every other public name) finds
-manhole(3)."""
+`manhole-demo --help` is in manhole-demo(1) (and nothing more), every
+option's default reads the same in `--help`, the man page and the README
+(for manhole-demo and manhole-cli), the pages carry manhole.h's version as
+written in the tree, once installed `man manhole_open` (and every other
+public name) finds manhole(3), and a program built with `pkg-config
+manhole` against a custom PREFIX runs as it is."""
 import os
 import re
 import shutil
@@ -10,11 +13,15 @@ import subprocess
 
 import pytest
 
-from conftest import BUILD, DEMO, ROOT, TIMEOUT
+from conftest import BUILD, DEMO, ROOT, TEST_CFLAGS, TIMEOUT
 
 HEADER = (ROOT / "manhole.h").read_text()
 MAN3 = ROOT / "man" / "manhole.3"
 MAN1 = ROOT / "man" / "manhole-demo.1"
+MAN1_CLI = ROOT / "man" / "manhole-cli.1"
+CLI = BUILD / "cli" / "manhole-cli"
+README = (ROOT / "README.md").read_text()
+VERSION = re.search(r'^#define MANHOLE_VERSION_STRING "([^"]+)"', HEADER, re.M).group(1)
 
 
 def strip_c_comments(text):
@@ -156,7 +163,7 @@ def man(*args, **kw):
 
 
 @needs_man
-@pytest.mark.parametrize("page", ["manhole.3", "manhole-demo.1"])
+@pytest.mark.parametrize("page", ["manhole.3", "manhole-demo.1", "manhole-cli.1"])
 def test_man_page_renders_without_warnings(page):
     r = man("--warnings", "-l", str(ROOT / "man" / page))
     assert r.returncode == 0, r.stderr.decode()
@@ -207,3 +214,234 @@ def test_license_is_bsd_2_clause_and_said_in_readme_and_pc(tmp_path):
                    check=True, timeout=TIMEOUT)
     pc = (tmp_path / "manhole.pc").read_text().splitlines()
     assert any(line.startswith("# License: BSD-2-Clause") for line in pc), pc
+
+
+# ---- Versions: the pages read right from the tree -------------------------
+
+@pytest.mark.parametrize("page", ["manhole.3", "manhole-demo.1", "manhole-cli.1"])
+def test_man_page_carries_the_headers_version(page):
+    """`man ./man/PAGE` shows the real version, not a placeholder: the
+    pages are installed as they are, so a version bump in manhole.h must
+    bump them too."""
+    src = (ROOT / "man" / page).read_text()
+    th = re.match(r'\.TH \S+ \d \S+ "manhole ([^"]*)"', src)
+    assert th, src.splitlines()[0]
+    assert th.group(1) == VERSION, "%s says %s, manhole.h %s" % (page, th.group(1), VERSION)
+    assert "@" not in re.sub(r"\\\(at|[\w.+-]+@[\w.-]+", "", src), "a placeholder left in %s" % page
+    others = set(re.findall(r"(?<![\d.])\d+\.\d+\.\d+(?![\d.])", src)) - {VERSION}
+    assert not others, "versions other than %s in %s: %s" % (VERSION, page, others)
+
+
+# ---- Every option's default, in --help, the man page and the README -------
+
+def roff_render(source):
+    """Roff source as text lines, close enough to read options from: font
+    macros joined as groff joins them (.IR a b -> ab), escapes resolved,
+    `\\c` continuing the line; other requests become lines of their own
+    (".TP", ".PP", ...) so callers can split on them."""
+    out = []
+    join = False
+    for line in source.splitlines():
+        if line.startswith('.\\"'):
+            continue
+        m = re.match(r"\.(B|I|BI|BR|IB|IR|RB|RI|SM)(?:\s+(.*))?$", line)
+        if m:
+            args = [a.group(1).replace('""', '"') if a.group(1) is not None else a.group(2)
+                    for a in re.finditer(r'"((?:[^"]|"")*)"|(\S+)', m.group(2) or "")]
+            text = (" " if len(m.group(1)) == 1 else "").join(args)
+        elif line.startswith("."):
+            out.append(line.split()[0])
+            join = False
+            continue
+        else:
+            text = line
+        cont = text.endswith("\\c")
+        text = text[:-2] if cont else text
+        text = re.sub(r"\\f(\[[^\]]*\]|\(..|.)", "", text)
+        for esc, ch in (("\\-", "-"), ("\\(aq", "'"), ("\\(lq", '"'), ("\\(rq", '"'),
+                        ("\\(dq", '"'), ("\\&", ""), ("\\%", ""), ("\\ ", " "), ("\\e", "\\")):
+            text = text.replace(esc, ch)
+        if join and out:
+            out[-1] += text
+        else:
+            out.append(text)
+        join = cont
+    return out
+
+
+def man_option_entries(page):
+    """{option: text} for each `.TP` entry of OPTIONS: the tag names the
+    options (`--threaded, --no-threaded`), the body describes them. An
+    entry naming several options whose body has one `, or ` clause per
+    option gives each its clause."""
+    lines = roff_render(section(page.read_text(), "OPTIONS"))
+    entries = {}
+    i = 0
+    while i < len(lines):
+        if lines[i] != ".TP":
+            i += 1
+            continue
+        tag = lines[i + 1]
+        j = i + 2
+        body = []
+        while j < len(lines) and lines[j] not in (".TP", ".PP", ".SH", ".SS"):
+            if not lines[j].startswith("."):
+                body.append(lines[j])
+            j += 1
+        i = j
+        opts = re.findall(r"(?<![\w-])(--[a-z][a-z-]*)", tag)
+        text = " ".join(body)
+        clauses = text.split(", or ")
+        for k, o in enumerate(opts):
+            entries[o] = clauses[k] if len(opts) > 1 and len(clauses) == len(opts) else text
+    return entries
+
+
+def help_option_entries(binary):
+    """{option: text} from `PROGRAM --help`: an option's line and the more
+    indented lines under it (a path cut at a line's end is joined back)."""
+    r = subprocess.run([str(binary), "--help"], stdout=subprocess.PIPE, timeout=TIMEOUT)
+    assert r.returncode == 0
+    entries = {}
+    current = None
+    for line in r.stdout.decode().splitlines():
+        indent = len(line) - len(line.lstrip())
+        m = re.match(r" {1,8}(?:-\w, +)?(--[a-z][a-z-]*)(.*)", line)
+        if m:
+            current = m.group(1)
+            entries[current] = m.group(2).strip()
+        elif current and indent > 8 and not line.lstrip().startswith("-"):
+            part = line.strip()
+            sep = "" if part.startswith(".") or entries[current].endswith("/") else " "
+            entries[current] += sep + part
+        else:
+            current = None
+    return entries
+
+
+def stated_default(text):
+    """What a description says the default is: None when it names none;
+    () for a bare "(default)" (this option is the default behaviour);
+    else the values after "default", up to `;`, `)` or the sentence's end,
+    as a tuple of the words that look like values (numbers, paths, $VARS,
+    quoted strings, --options)."""
+    if text is None:
+        return None
+    m = re.search(r"\bdefault\b:?(.*?)(?:;|\)|\.(?:\s|$)|$)", text.replace("`", ""), re.S | re.I)
+    if not m:
+        return None
+    words = re.findall(r"'[^']*'|\"[^\"]*\"|[^\s,;()]+", m.group(1))
+    values = []
+    for w in words:
+        if w[0] in "'\"":
+            values.append(w[1:-1])
+        elif re.search(r"[\d/$]", w) or w.startswith("--"):
+            values.append(w.rstrip(":."))
+    return tuple(values)
+
+
+def readme_section(title):
+    m = re.search(r"^## %s\n(.*?)(?=^## |\Z)" % re.escape(title), README, re.M | re.S)
+    assert m, "no README section %s" % title
+    return m.group(1)
+
+
+def readme_defaults(title):
+    """{option: text} for each "`--option ...` (... default ...)" of a
+    README section."""
+    text = re.sub(r"\s+", " ", readme_section(title))
+    return {m.group(1): m.group(2) for m in
+            re.finditer(r"`(--[a-z][a-z-]*)[^`]*`\s*\(([^)]*\bdefault\b[^)]*)\)", text)}
+
+
+PROGRAMS = {
+    "manhole-demo": (DEMO, MAN1, "The demo"),
+    "manhole-cli": (CLI, MAN1_CLI, "Clients"),
+}
+
+
+def default_mismatches(program):
+    binary, page, readme_title = PROGRAMS[program]
+    helps = help_option_entries(binary)
+    mans = man_option_entries(page)
+    readme = readme_defaults(readme_title)
+    bad = []
+    for opt in sorted(set(helps) | set(mans)):
+        want = stated_default(helps.get(opt))
+        got = stated_default(mans.get(opt))
+        if want != got:
+            bad.append("%s: --help says %s, %s says %s" % (opt, want, page.name, got))
+    for opt, text in sorted(readme.items()):
+        if opt not in helps:
+            bad.append("%s: in the README's %s with a default, not an option of %s"
+                       % (opt, readme_title, program))
+        elif stated_default(text) != stated_default(helps[opt]):
+            bad.append("%s: --help says %s, the README's %s says %s"
+                       % (opt, stated_default(helps[opt]), readme_title, stated_default(text)))
+    return bad
+
+
+def test_default_parsing_reads_what_is_there():
+    """Guards the guards: the parsers find the options and read the
+    defaults as a reader would."""
+    demo_help = help_option_entries(DEMO)
+    demo_man = man_option_entries(MAN1)
+    assert len(demo_help) >= 20 and set(demo_help) == set(demo_man)
+    for entries in (demo_help, demo_man):
+        assert stated_default(entries["--timeout"]) == ("5",)
+        assert stated_default(entries["--host"]) == ("127.0.0.1",)
+        assert stated_default(entries["--banner"]) == ("Well this is neat",)
+        assert stated_default(entries["--threaded"]) == ()
+        assert stated_default(entries["--no-threaded"]) is None
+        assert stated_default(entries["--port"]) is None
+        assert stated_default(entries["--max-clients"])[0] == "3/4"
+        assert stated_default(entries["--path"]) == ("/var/tmp/testing.manhole", "--port")
+        assert len(stated_default(entries["--secret-file"])) == 2
+    cli_help = help_option_entries(CLI)
+    cli_man = man_option_entries(MAN1_CLI)
+    assert {"--command", "--path", "--secret-file", "--timeout", "--list"} <= set(cli_help)
+    assert set(cli_help) == set(cli_man)
+    for entries in (cli_help, cli_man):
+        assert stated_default(entries["--timeout"]) == ("5",)
+        assert len(stated_default(entries["--secret-file"])) == 3
+    assert stated_default("(default 64; 1 to 1000000)") == ("64",)
+    assert stated_default("Default: the library's, /tmp/x.secret.") == ("/tmp/x.secret",)
+    assert "--secret-file" in readme_defaults("The demo")
+
+
+@pytest.mark.parametrize("program", sorted(PROGRAMS))
+def test_every_default_agrees_in_help_man_page_and_readme(program):
+    bad = default_mismatches(program)
+    assert not bad, "defaults that disagree:\n" + "\n".join(bad)
+
+
+# ---- A custom PREFIX: pkg-config finds it, the program runs as built ------
+
+def test_program_built_with_pkg_config_runs_from_a_custom_prefix(tmp_path):
+    """`make install PREFIX=DIR`, then `cc prog.c $(pkg-config --cflags
+    --libs manhole)` with PKG_CONFIG_PATH=DIR/lib/pkgconfig: the program
+    runs without LD_LIBRARY_PATH and loads DIR's libmanhole (the .pc's
+    Libs carry the rpath)."""
+    prefix = tmp_path / "prefix"
+    subprocess.run(["make", "-s", "-C", str(ROOT), "B=%s" % BUILD, "PREFIX=%s" % prefix,
+                    "install"], check=True, stdout=subprocess.DEVNULL, timeout=TIMEOUT * 10)
+    env = dict(os.environ)
+    env["PKG_CONFIG_PATH"] = os.pathsep.join(
+        [str(prefix / "lib" / "pkgconfig")] + [p for p in [env.get("PKG_CONFIG_PATH")] if p])
+    assert str(prefix) not in env.get("LD_LIBRARY_PATH", "")
+    flags = subprocess.run(["pkg-config", "--cflags", "--libs", "manhole"], env=env, check=True,
+                           stdout=subprocess.PIPE, timeout=TIMEOUT).stdout.decode().split()
+    assert "-Wl,-rpath,%s" % (prefix / "lib") in flags, flags
+    src = tmp_path / "prog.c"
+    src.write_text('#include <stdio.h>\n#include <string.h>\n#include <manhole.h>\n'
+                   'int main(void)\n{\n'
+                   '    printf("%s\\n", manhole_version());\n'
+                   '    return strcmp(manhole_version(), MANHOLE_VERSION_STRING) != 0;\n}\n')
+    prog = tmp_path / "prog"
+    subprocess.run(["cc"] + TEST_CFLAGS + ["-o", str(prog), str(src)] + flags, env=env,
+                   check=True, timeout=TIMEOUT * 3)
+    r = subprocess.run([str(prog)], stdout=subprocess.PIPE, env=env, timeout=TIMEOUT)
+    assert r.returncode == 0 and r.stdout.decode() == VERSION + "\n"
+    trace = subprocess.run([str(prog)], stdout=subprocess.PIPE, timeout=TIMEOUT,
+                           env=dict(env, LD_TRACE_LOADED_OBJECTS="1")).stdout.decode()
+    assert "=> %s/libmanhole.so." % (prefix / "lib") in trace, trace
