@@ -4,8 +4,9 @@ field and constant of manhole.h is in manhole(3), every option of
 option's default reads the same in `--help`, the man page and the README
 (for manhole-demo and manhole-cli), the pages carry manhole.h's version as
 written in the tree, once installed `man manhole_open` (and every other
-public name) finds manhole(3), and a program built with `pkg-config
-manhole` against a custom PREFIX runs as it is."""
+public name) finds manhole(3), a program built with `pkg-config manhole`
+against a custom PREFIX runs as it is, and the example commands of the
+man pages and of the README's Clients section run as written."""
 import os
 import re
 import shutil
@@ -13,7 +14,7 @@ import subprocess
 
 import pytest
 
-from conftest import BUILD, DEMO, ROOT, TEST_CFLAGS, TIMEOUT
+from conftest import BUILD, DEMO, ROOT, TEST_CFLAGS, TIMEOUT, default_secret_path
 
 HEADER = (ROOT / "manhole.h").read_text()
 MAN3 = ROOT / "man" / "manhole.3"
@@ -445,3 +446,75 @@ def test_program_built_with_pkg_config_runs_from_a_custom_prefix(tmp_path):
     trace = subprocess.run([str(prog)], stdout=subprocess.PIPE, timeout=TIMEOUT,
                            env=dict(env, LD_TRACE_LOADED_OBJECTS="1")).stdout.decode()
     assert "=> %s/libmanhole.so." % (prefix / "lib") in trace, trace
+
+
+# ---- Example commands run as written ----------------------------------------
+
+# What an example needs that a test cannot give it: a process of the
+# reader's (12345, myapp, fix.py, stats()), whichever demos happen to run
+# (pidof, --list), the demo itself, a terminal (telnet pasting the secret).
+PLACEHOLDERS = re.compile(r"12345|myapp|fix\.py|stats\(|pidof|--list|manhole-demo|telnet|^manhole-cli$")
+
+
+def example_lines():
+    """The shell lines of the EXAMPLES of manhole-demo(1) and manhole-cli(1)
+    and of the code blocks of the README's Clients section."""
+    lines = []
+    for page in (MAN1, MAN1_CLI):
+        verbatim = False
+        for l in roff_render(section(page.read_text(), "EXAMPLES")):
+            if l in (".nf", ".fi"):
+                verbatim = l == ".nf"
+            elif verbatim and l and not l.startswith("."):
+                lines.append(l)
+    clients = readme_section("Clients")
+    lines += [re.sub(r"\s+#\s.*$", "", l[4:]).rstrip()
+              for l in clients.splitlines() if l.startswith("    ") and not l.startswith("     ")]
+    return lines
+
+
+def runnable_examples():
+    out = []
+    for line in example_lines():
+        if PLACEHOLDERS.search(line):
+            continue
+        if line.startswith("rlwrap") and not shutil.which("rlwrap"):
+            continue
+        if line not in out:
+            out.append(line)
+    return out
+
+
+def test_example_lines_are_found():
+    """Guards the next test: it really has the plain-tool examples."""
+    lines = runnable_examples()
+    assert any(l.startswith("nc -U") for l in lines)
+    assert any(l.startswith("socat - UNIX-CONNECT:") for l in lines)
+    assert any("nc -N -U" in l for l in lines)
+    assert any("--secret-path 127.0.0.1:7000" in l and "| nc" in l for l in lines)
+    assert any(re.match(r"manhole-cli 127\.0\.0\.1:7000$", l) for l in lines)
+    assert not [l for l in example_lines() if "READLINE" in l]
+
+
+@pytest.mark.parametrize("line", runnable_examples())
+def test_example_command_runs_as_written(start, sockdir, line):
+    """Each example command, against the demo on a temporary path and a
+    free port instead of /var/tmp/testing.manhole and 7000, with
+    `print(6*7)` then `exit()` on its standard input: it prints what the
+    manhole answers and exits 0."""
+    p = start(DEMO, "--port", "0")
+    p.wait_for(r"listening on tcp:")
+    p.wait_listening()
+    cmd = line.replace("/var/tmp/testing.manhole", p.unix_path)
+    cmd = re.sub(r"\b7000\b", str(p.tcp_port), cmd)
+    cmd = re.sub(r"(?<![\w/-])manhole-cli\b", str(CLI), cmd)
+    r = subprocess.run(["sh", "-c", cmd], input=b"print(6*7)\nexit()\n", stdout=subprocess.PIPE,
+                       stderr=subprocess.PIPE, timeout=TIMEOUT)
+    out = r.stdout.decode()
+    assert r.returncode == 0, (cmd, out, r.stderr.decode())
+    if "--secret-path" in line and "|" not in line:
+        assert out == "%s\n" % default_secret_path(p.tcp_port), out
+    elif "print(ticks)" in line:
+        assert re.search(r"^(>>> )?\d+$", out, re.M), out
+    else:
+        assert re.search(r"^(>>> )?42$", out, re.M), (cmd, out)
