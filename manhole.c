@@ -1521,7 +1521,7 @@ static int secret_setup(manhole *mh)
         unlink(path);
         return set_err(mh, MANHOLE_ENOMEM, "out of memory");
     }
-    LOG(mh, MANHOLE_LOG_INFO, "tcp %s: clients send the secret in %s first",
+    LOG(mh, MANHOLE_LOG_INFO, "tcp %s: the secret clients prove (or send first) is in %s",
         mh->endpoint, path);
     return MANHOLE_OK;
 }

@@ -176,7 +176,7 @@ def test_secret_file_is_named_after_the_bound_address(start, sockdir):
     assert stat.S_IMODE(os.stat(f).st_mode) == 0o600
     assert not (run / "manhole" / ("tcp-%d.secret" % p.tcp_port)).exists()
     # the log names the file
-    p.wait_for(r"tcp 127\.0\.0\.1:%d: clients send the secret in %s first"
+    p.wait_for(r"tcp 127\.0\.0\.1:%d: the secret clients prove \(or send first\) is in %s"
                % (p.tcp_port, re.escape(str(f))), stream="err")
     c = Client.tcp(p.tcp_port, secret=read_secret(f))
     assert c.greeting == GREETING
